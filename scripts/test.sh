@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up (idempotently) and run the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/ruff check inkwash tests benchmarks
+exec .venv/bin/python -m pytest -q "$@"
