@@ -1,0 +1,185 @@
+"""diffusers `UNet2DConditionModel` -> inkwash `UNet`: config and state-dict conversion.
+
+Owns every diffusers U-Net key name. Unsupported settings, unmatched keys and missing keys raise
+`UserError` listing them; nothing is silently dropped.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+
+from inkwash.errors import UserError
+from inkwash.models.unet import UNet, UNetConfig
+
+# diffusers settings we do not implement, with the only value we accept.
+_FIXED = {
+    "act_fn": "silu",
+    "center_input_sample": False,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "dual_cross_attention": False,
+    "only_cross_attention": False,
+    "encoder_hid_dim": None,
+    "addition_embed_type": None,
+    "num_class_embeds": None,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "time_embedding_act_fn": None,
+    "timestep_post_act": None,
+    "time_cond_proj_dim": None,
+    "attention_type": "default",
+    "class_embeddings_concat": False,
+    "mid_block_only_cross_attention": None,
+    "cross_attention_norm": None,
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
+    "reverse_transformer_layers_per_block": None,
+}
+
+
+def _uniform(value, name: str):
+    """An int, or a list whose entries all agree -> that one value."""
+    if isinstance(value, list | tuple):
+        if len(set(value)) != 1:
+            raise UserError(f"diffusers U-Net: per-block {name}={list(value)} is not supported")
+        return value[0]
+    return value
+
+
+def unet_config_from_diffusers(config: Mapping) -> UNetConfig:
+    """A diffusers UNet2DConditionModel config dict -> UNetConfig (UserError on what we cannot express)."""
+    bad = [f"{k}={config[k]!r}" for k, v in _FIXED.items() if k in config and config[k] != v]
+    boc = list(config["block_out_channels"])
+    downs, ups = list(config["down_block_types"]), list(config["up_block_types"])
+    if any(t not in ("CrossAttnDownBlock2D", "DownBlock2D") for t in downs):
+        bad.append(f"down_block_types={downs}")
+    mirrored = [t.replace("Down", "Up") for t in reversed(downs)]
+    if ups != mirrored:
+        bad.append(f"up_block_types={ups} (expected {mirrored})")
+    mid = config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    if mid not in ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D"):
+        bad.append(f"mid_block_type={mid!r}")
+    if any(c % boc[0] for c in boc):
+        bad.append(f"block_out_channels={boc} (not multiples of the first)")
+    class_embed = config.get("class_embed_type")
+    if class_embed not in (None, "projection"):
+        bad.append(f"class_embed_type={class_embed!r}")
+    if bad:
+        raise UserError("diffusers U-Net settings not supported: " + ", ".join(bad))
+
+    heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
+    num_heads, head_dim = heads, 0
+    if isinstance(heads, list | tuple):  # SD 2.x style: heads per level, constant head width
+        num_heads, head_dim = heads[0], _uniform([c // h for c, h in zip(boc, heads)], "head width")
+    return UNetConfig(
+        in_channels=config.get("in_channels", 4),
+        out_channels=config.get("out_channels", 4),
+        model_channels=boc[0],
+        channel_mult=tuple(c // boc[0] for c in boc),
+        num_res_blocks=_uniform(config.get("layers_per_block", 2), "layers_per_block"),
+        attention_levels=tuple(i for i, t in enumerate(downs) if t.startswith("CrossAttn")),
+        num_heads=num_heads,
+        head_dim=head_dim,
+        transformer_depth=_uniform(
+            config.get("transformer_layers_per_block", 1), "transformer_layers_per_block"
+        ),
+        context_dim=_uniform(config.get("cross_attention_dim", 1280), "cross_attention_dim"),
+        y_dim=(config.get("projection_class_embeddings_input_dim") or 0) if class_embed else 0,
+        mid_attention=mid == "UNetMidBlock2DCrossAttn",
+        norm_groups=config.get("norm_num_groups", 32),
+        norm_eps=config.get("norm_eps", 1e-5),
+        scale_shift=config.get("resnet_time_scale_shift", "default") == "scale_shift",
+        flip_sin_to_cos=config.get("flip_sin_to_cos", True),
+        freq_shift=config.get("freq_shift", 0),
+    )
+
+
+# (diffusers pattern, inkwash replacement), applied to the whole key with re.fullmatch.
+_RENAMES = [
+    (r"time_embedding\.linear_(\d)\.(\w+)", r"time_embed.fc\1.\2"),
+    (r"class_embedding\.linear_(\d)\.(\w+)", r"y_embed.fc\1.\2"),
+    (r"conv_in\.(\w+)", r"conv_in.\1"),
+    (r"conv_norm_out\.(\w+)", r"norm_out.\1"),
+    (r"conv_out\.(\w+)", r"conv_out.\1"),
+    (r"(down|up)_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", r"\1.\2.res.\3.\4"),
+    (r"(down|up)_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", r"\1.\2.attn.\3.\4"),
+    (r"(down|up)_blocks\.(\d+)\.(?:downsamplers|upsamplers)\.0\.conv\.(\w+)", r"\1.\2.resample.conv.\3"),
+    (r"mid_block\.resnets\.(\d)\.(.+)", r"mid.res.\1.\2"),
+    (r"mid_block\.attentions\.0\.(.+)", r"mid_attn.\1"),
+]
+# Renames inside a ResBlock or a spatial transformer (the part after `res.j.` / `attn.j.`).
+_INNER = [
+    (r"(res\.\d+)\.time_emb_proj\.", r"\1.emb_proj."),
+    (r"(res\.\d+)\.conv_shortcut\.", r"\1.skip."),
+    (r"\.transformer_blocks\.", r".blocks."),
+    (r"\.attn(\d)\.to_out\.0\.", r".attn\1.out."),
+    (r"\.ff\.net\.0\.proj\.", r".ff.proj."),
+    (r"\.ff\.net\.2\.", r".ff.out."),
+]
+# Projections we fuse: (inkwash name, diffusers parts concatenated along the output dim).
+_FUSED = [
+    ("attn1.qkv.weight", ("attn1.to_q", "attn1.to_k", "attn1.to_v")),
+    ("attn2.q.weight", ("attn2.to_q",)),
+]
+_FUSED += [("attn2.kv.weight", ("attn2.to_k", "attn2.to_v"))]
+
+
+def _rename(key: str) -> str | None:
+    for pattern, repl in _RENAMES:
+        if re.fullmatch(pattern, key):
+            new = re.sub(pattern, repl, key)
+            for p, r in _INNER:
+                new = re.sub(p, r, new)
+            return new
+    return None
+
+
+def unet_state_dict_from_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers UNet2DConditionModel state dict -> ours (QKV fused, 1x1 convs as linear)."""
+    out: dict[str, torch.Tensor] = {}
+    unmatched, missing = [], []
+    fused_parts: dict[str, dict[str, torch.Tensor]] = {}  # prefix -> {diffusers part: weight}
+    for key, value in sd.items():
+        new = _rename(key)
+        m = re.fullmatch(r"(.+\.blocks\.\d+\.)(attn\d\.to_[qkv])\.weight", new or "")
+        if m:
+            fused_parts.setdefault(m[1], {})[m[2]] = value
+        elif new is None or re.search(r"\.to_[qkv]\.", new):  # q/k/v biases are not part of SD's layout
+            unmatched.append(key)
+        elif re.search(r"\.proj_(in|out)\.weight$", new) and value.dim() == 4:  # conv 1x1 -> linear
+            out[new] = value[:, :, 0, 0]
+        else:
+            out[new] = value
+    for prefix, parts in fused_parts.items():
+        for name, sources in _FUSED:
+            absent = [s for s in sources if s not in parts]
+            if len(absent) == len(sources):
+                continue
+            missing += [f"{prefix}{s}.weight" for s in absent]
+            out[prefix + name] = torch.cat([parts[s] for s in sources if s in parts], dim=0)
+    if unmatched or missing:
+        raise UserError(
+            f"diffusers U-Net state dict: unmatched keys {sorted(unmatched)}, missing keys {sorted(missing)}"
+        )
+    return out
+
+
+def unet_from_diffusers(config: Mapping, sd: Mapping[str, torch.Tensor]) -> UNet:
+    """Build an inkwash UNet from a diffusers config and state dict; every key on both sides must match."""
+    cfg = unet_config_from_diffusers(config)
+    with torch.device("meta"):
+        model = UNet(cfg)
+    converted = unet_state_dict_from_diffusers(sd)
+    expected = set(model.state_dict())
+    if set(converted) != expected:
+        raise UserError(
+            "diffusers U-Net weights do not fit the config: "
+            f"missing {sorted(expected - set(converted))}, unexpected {sorted(set(converted) - expected)}"
+        )
+    model.load_state_dict(converted, assign=True)
+    return model

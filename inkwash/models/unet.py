@@ -1,0 +1,186 @@
+"""Stable Diffusion's U-Net (Rombach et al. 2022), text-conditioned through cross-attention.
+
+Owns `UNetConfig` and `UNet`. Knows nothing of noise: `t` is whatever float the diffusion process
+hands the network (a VP timestep index, or flow time x1000). Other projects' key names live in
+`inkwash.formats.diffusers_unet`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inkwash.models.layers import (
+    Downsample,
+    MLPEmbedder,
+    ResBlock,
+    SpatialTransformer,
+    Upsample,
+    timestep_embedding,
+)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Shape of a U-Net. Level i has model_channels * channel_mult[i] channels; attention where listed."""
+
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_levels: tuple[int, ...] = (0, 1, 2)  # levels (0 = full resolution) with transformer blocks
+    num_heads: int = 8  # heads per transformer block, unless head_dim > 0
+    head_dim: int = 0  # if > 0, heads = channels // head_dim (SD 2.x, SDXL)
+    transformer_depth: int = 1
+    context_dim: int = 768  # text token width; 0 = no cross-attention at all
+    y_dim: int = 0  # extra conditioning vector added to the time embedding; 0 = none
+    mid_attention: bool = True
+    norm_groups: int = 32
+    norm_eps: float = 1e-5
+    scale_shift: bool = False  # ResBlock uses the embedding as GroupNorm scale and shift
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0.0
+
+    def __post_init__(self):
+        for name in ("channel_mult", "attention_levels"):  # JSON gives lists; keep the dataclass hashable
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        bad = [i for i in self.attention_levels if not 0 <= i < len(self.channel_mult)]
+        if bad:
+            raise ValueError(f"attention_levels {bad} out of range for {len(self.channel_mult)} levels")
+        for ch in self.level_channels:
+            if ch % self.norm_groups:
+                raise ValueError(f"{ch} channels not divisible by norm_groups={self.norm_groups}")
+            if ch % self.heads(ch):
+                raise ValueError(f"{ch} channels not divisible into {self.heads(ch)} heads")
+
+    @property
+    def level_channels(self) -> list[int]:
+        return [self.model_channels * m for m in self.channel_mult]
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.model_channels
+
+    def heads(self, ch: int) -> int:
+        return ch // self.head_dim if self.head_dim else self.num_heads
+
+
+class Level(nn.Module):
+    """One resolution: ResBlocks, each optionally followed by a spatial transformer, then a resampler."""
+
+    def __init__(self, res: list[ResBlock], attn: list[SpatialTransformer], resample: nn.Module | None):
+        super().__init__()
+        self.res = nn.ModuleList(res)
+        self.attn = nn.ModuleList(attn)  # empty, or one per ResBlock
+        self.resample = resample
+
+    def block(self, j: int, h: torch.Tensor, emb: torch.Tensor, context, mask) -> torch.Tensor:
+        h = self.res[j](h, emb)
+        return self.attn[j](h, context, mask) if len(self.attn) else h
+
+
+class UNet(nn.Module):
+    """U-Net: forward(x [B,C,H,W], t [B], context [B,L,D], context_mask [B,L], y [B,y_dim]) -> [B,out,H,W]."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        chans, E, n = cfg.level_channels, cfg.time_embed_dim, cfg.num_res_blocks
+        norm = dict(groups=cfg.norm_groups, eps=cfg.norm_eps, scale_shift=cfg.scale_shift)
+
+        def transformer(ch: int) -> SpatialTransformer:
+            return SpatialTransformer(
+                ch, cfg.heads(ch), cfg.context_dim, depth=cfg.transformer_depth, groups=cfg.norm_groups
+            )
+
+        self.time_embed = MLPEmbedder(cfg.model_channels, E)
+        self.y_embed = MLPEmbedder(cfg.y_dim, E) if cfg.y_dim else None
+        self.conv_in = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
+
+        skips, ch = [chans[0]], chans[0]  # channels of every skip tensor, in the order they are pushed
+        self.down = nn.ModuleList()
+        for i, out in enumerate(chans):
+            res = []
+            for _ in range(n):
+                res.append(ResBlock(ch, out, E, **norm))
+                ch = out
+                skips.append(ch)
+            last = i == len(chans) - 1
+            attn = [transformer(ch) for _ in range(n)] if i in cfg.attention_levels else []
+            self.down.append(Level(res, attn, None if last else Downsample(ch)))
+            skips += [] if last else [ch]
+
+        self.mid = Level([ResBlock(ch, ch, E, **norm), ResBlock(ch, ch, E, **norm)], [], None)
+        self.mid_attn = transformer(ch) if cfg.mid_attention else None
+
+        self.up = nn.ModuleList()  # deepest level first
+        for i, out in reversed(list(enumerate(chans))):
+            res = []
+            for _ in range(n + 1):
+                res.append(ResBlock(ch + skips.pop(), out, E, **norm))
+                ch = out
+            attn = [transformer(ch) for _ in range(n + 1)] if i in cfg.attention_levels else []
+            self.up.append(Level(res, attn, Upsample(ch) if i > 0 else None))
+
+        self.norm_out = nn.GroupNorm(cfg.norm_groups, ch, eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """Zero every residual branch's last layer and the output conv: the untrained net is the identity
+        on each residual path and predicts zero (SD's `zero_module`), which keeps early training stable."""
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                nn.init.zeros_(m.conv2.weight), nn.init.zeros_(m.conv2.bias)
+            elif isinstance(m, SpatialTransformer):
+                nn.init.zeros_(m.proj_out.weight), nn.init.zeros_(m.proj_out.bias)
+        nn.init.zeros_(self.conv_out.weight), nn.init.zeros_(self.conv_out.bias)
+
+    def embed(self, t: torch.Tensor, y: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """Time (and y) embedding, SiLU applied once here for every ResBlock: -> [B, E]."""
+        cfg = self.cfg
+        t_freq = timestep_embedding(
+            t, cfg.model_channels, flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift
+        )
+        emb = self.time_embed(t_freq.to(dtype))  # [B, E]
+        if self.y_embed is not None:
+            if y is None:
+                raise ValueError(f"this U-Net needs y [B, {cfg.y_dim}]")
+            emb = emb + self.y_embed(y.to(dtype))
+        elif y is not None:
+            raise ValueError("this U-Net has y_dim=0 but was given y")
+        return F.silu(emb)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        t = t.expand(x.shape[0]) if t.dim() == 0 else t  # [B]
+        emb = self.embed(t, y, x.dtype)  # [B, E]
+        ctx = (context, context_mask)
+        h = self.conv_in(x)  # [B, C0, H, W]
+        skips = [h]
+        for level in self.down:
+            for j in range(len(level.res)):
+                h = level.block(j, h, emb, *ctx)
+                skips.append(h)
+            if level.resample is not None:
+                h = level.resample(h)  # [B, C, H/2, W/2]
+                skips.append(h)
+        h = self.mid.res[0](h, emb)
+        h = self.mid_attn(h, *ctx) if self.mid_attn is not None else h
+        h = self.mid.res[1](h, emb)
+        for level in self.up:
+            for j in range(len(level.res)):
+                h = level.block(j, torch.cat([h, skips.pop()], dim=1), emb, *ctx)
+            if level.resample is not None:
+                h = level.resample(h)  # [B, C, 2H, 2W]
+        return self.conv_out(F.silu(self.norm_out(h)))  # [B, out_channels, H, W]
