@@ -1,0 +1,643 @@
+"""The one training loop: every network, process and prediction kind; one process or many (torchrun).
+
+Owns the loop (AdamW, linear warm-up, gradient accumulation and clipping, EMA, caption dropout,
+mixed precision), deterministic data order and noise, metrics, sample grids and checkpoints with exact
+resume. Builds networks, encoders and data through their registries; knows no architecture.
+
+Batches. `batch_size` is the images per forward pass on one process; the global batch of an optimizer
+step is batch_size * grad_accum * world_size, cut into that many chunks of `batch_size`. Chunk k of
+step s holds samples s * G + k * batch_size ... of a seeded permutation of the data set, and its noise,
+times and caption dropout come from a generator seeded by (seed, s, k). Process r runs chunks
+r, r + W, r + 2W, ...; so a run's numbers depend only on the global batch and `batch_size`, not on
+how chunks are spread over processes or accumulation steps, and resume needs no RNG replay.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from inkwash.diffusion import Denoiser, TimeSampler, diffusion_loss, process_from_dict
+from inkwash.errors import UserError
+from inkwash.formats.checkpoint import (
+    flatten_optimizer_state,
+    load_state,
+    save_model,
+    save_state,
+    unflatten_optimizer_state,
+)
+from inkwash.text import CachedTextEncoder, TextEmbedding, TextEncoder, TextEncoderConfig, build_text_encoder
+from inkwash.train.ema import EMA
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.safetensors"
+METRICS_FILE = "metrics.jsonl"
+LOSS_BINS = 10  # loss reported per tenth of normalized time (0 clean .. 1 pure noise)
+
+# TrainConfig fields that may change between a run and its resumption without changing its numbers.
+RESUMABLE_CHANGES = frozenset(
+    {"steps", "output_dir", "sample_every", "checkpoint_every", "log_every", "sample_prompts", "sampling"}
+    | {"device"}
+)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved as `train_args` in every checkpoint."""
+
+    model: str | dict = "unet-tiny"  # preset name, or a config dict as written by config_to_dict
+    process: str | dict = "vp"  # process kind ("vp", "flow", "edm") or a dict as written by to_dict
+    prediction: str = "eps"  # eps | v | x0 | flow
+    text_encoder: str | dict = "small"  # encoder name or a TextEncoderConfig dict
+    dataset: str = "shapes"  # "shapes" or a folder path
+    image_size: int = 32
+    batch_size: int = 4  # images per forward pass on one process
+    grad_accum: int = 1  # forward passes per optimizer step on one process
+    lr: float = 1e-4
+    warmup_steps: int = 0  # linear warm-up from 0 to lr over this many steps, then constant
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    ema_decay: float = 0.0  # 0 = off; the model file then holds the raw weights
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    caption_dropout: float = 0.1  # probability of training on "" (for classifier-free guidance)
+    time_sampling: str = "uniform"  # uniform | logit_normal | shifted
+    time_sampling_args: dict = field(default_factory=dict)  # TimeSampler's mean / std / shift
+    min_snr_gamma: float | None = None
+    offset_noise: float = 0.0
+    steps: int = 1000
+    seed: int = 0
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    output_dir: str = "runs/default"
+    sample_every: int = 0  # steps between sample grids; 0 = only at the end of the run
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end of the run
+    log_every: int = 10
+    sample_prompts: tuple[str, ...] = ("a red circle", "a blue square", "a green triangle", "")
+    sampling: dict = field(
+        default_factory=lambda: {"sampler": "euler", "steps": 20, "guidance": 4.0, "schedule": None}
+    )
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        self.sample_prompts = tuple(self.sample_prompts)
+        positive = ("image_size", "batch_size", "grad_accum", "steps", "log_every")
+        for name in positive:
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value > 0):
+                raise UserError(f"Training option {name} must be a positive integer, got {value!r}.")
+        for name in ("warmup_steps", "sample_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise UserError(f"Training option {name} must be >= 0, got {getattr(self, name)!r}.")
+        if not self.lr > 0:
+            raise UserError(f"Learning rate must be positive, got {self.lr}.")
+        if not (0.0 <= self.ema_decay < 1.0):
+            raise UserError(f"EMA decay must be in [0, 1) (0 = off), got {self.ema_decay}.")
+        if not (0.0 <= self.caption_dropout <= 1.0):
+            raise UserError(f"Caption dropout must be a probability in [0, 1], got {self.caption_dropout}.")
+        if self.precision not in ("fp32", "bf16"):
+            raise UserError(f"Unknown precision {self.precision!r}; valid: fp32, bf16.")
+        if self.grad_clip < 0:
+            raise UserError(f"Gradient clip must be >= 0 (0 = off), got {self.grad_clip}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (tuples become lists)."""
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"Unknown training options {unknown}; valid ones are {sorted(known)}.")
+        return cls(**d)
+
+
+class TrainingDiverged(UserError):
+    """The loss or gradients became NaN/inf; nothing was written after the last good checkpoint."""
+
+
+# ---------------------------------------------------------------------------- building blocks
+
+
+def seed_for(*parts: int | str) -> int:
+    """A 63-bit generator seed from (seed, purpose, step, ...): independent streams, stable across runs."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def generator_for(*parts: int | str) -> torch.Generator:
+    return torch.Generator().manual_seed(seed_for(*parts))
+
+
+class DataOrder:
+    """Sample position -> data set index: epoch e is a permutation seeded by (seed, e).
+
+    Unbounded procedural data sets (len above SHUFFLE_LIMIT, e.g. Shapes) are read in index order:
+    their items are already independent draws, and a permutation of 2**31 items would not fit.
+    """
+
+    SHUFFLE_LIMIT = 2**24
+
+    def __init__(self, n: int, seed: int):
+        if n <= 0:
+            raise UserError("The training data set is empty.")
+        self.n, self.seed = n, seed
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def indices(self, start: int, count: int) -> list[int]:
+        if self.n > self.SHUFFLE_LIMIT:
+            return [p % self.n for p in range(start, start + count)]
+        out = []
+        for p in range(start, start + count):
+            epoch = p // self.n
+            if epoch != self._epoch:
+                self._epoch = epoch
+                self._perm = torch.randperm(self.n, generator=generator_for(self.seed, "data", epoch))
+            out.append(int(self._perm[p % self.n]))
+        return out
+
+
+def build_dataset(spec: str, size: int, seed: int):
+    """The training data set (a module-level hook so tests and tools can substitute their own)."""
+    from inkwash.data import build_dataset as build
+
+    return build(spec, size, seed)
+
+
+def load_batch(ds, indices: list[int]) -> tuple[torch.Tensor, list[str]]:
+    """(images [B, 3, H, W] in [-1, 1], captions) for data set indices; uses `ds.batch` when there is one."""
+    if hasattr(ds, "batch"):
+        images, captions, _ = ds.batch(indices)
+        return images, list(captions)
+    items = [ds[i] for i in indices]
+    return torch.stack([it["image"] for it in items]), [it["caption"] for it in items]
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up over `warmup_steps` optimizer steps (step counts from 0), then constant."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.lr
+
+
+def _text_config(spec: str | dict) -> TextEncoderConfig:
+    return TextEncoderConfig(name=spec) if isinstance(spec, str) else TextEncoderConfig.from_dict(dict(spec))
+
+
+def _process(spec: str | dict):
+    return process_from_dict({"kind": spec} if isinstance(spec, str) else spec)
+
+
+def _model_config(cfg: TrainConfig, encoder: TextEncoder):
+    """The network config: the preset (or dict), its cross-attention / pooled widths set to the encoder's."""
+    from inkwash.models.registry import config_from_dict, get_preset
+
+    mcfg = get_preset(cfg.model) if isinstance(cfg.model, str) else config_from_dict(dict(cfg.model))
+    names = {f.name for f in dataclasses.fields(mcfg)}
+    changes = {}
+    if getattr(mcfg, "context_dim", 0):
+        changes["context_dim"] = encoder.dim
+    if getattr(mcfg, "y_dim", 0):
+        changes["y_dim"] = encoder.pooled_dim
+    mcfg = dataclasses.replace(mcfg, **{k: v for k, v in changes.items() if k in names})
+    channels = getattr(mcfg, "in_channels", 3)
+    if channels != 3:
+        raise UserError(
+            f"Model {cfg.model if isinstance(cfg.model, str) else 'config'} takes {channels} input channels; "
+            "training on RGB pixels needs 3 (latent training is not supported by this trainer yet)."
+        )
+    return mcfg
+
+
+def make_cond(emb: TextEmbedding | None, mcfg) -> dict[str, torch.Tensor]:
+    """Network keyword arguments from a text embedding, for the inputs the network config has."""
+    if emb is None:
+        return {}
+    cond = {}
+    if getattr(mcfg, "context_dim", 1):
+        cond["context"], cond["context_mask"] = emb.tokens, emb.mask
+    if getattr(mcfg, "y_dim", 0):
+        cond["y"] = emb.pooled
+    return cond
+
+
+# ---------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    owns_group: bool = False  # we initialised the process group, so we tear it down
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def setup_distributed(device: torch.device | None = None) -> Dist:
+    """Join torchrun's process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
+    if dist.is_available() and dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    backend = "nccl" if torch.cuda.is_available() and (device is None or device.type == "cuda") else "gloo"
+    dist.init_process_group(backend)
+    return Dist(dist.get_rank(), dist.get_world_size(), owns_group=True)
+
+
+def pick_device(spec: str) -> torch.device:
+    if spec != "auto":
+        return torch.device(spec)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def autocast_for(precision: str, device: torch.device):
+    """bf16 autocast where the device does bf16, fp32 otherwise (announced, not silent)."""
+    if precision != "bf16":
+        return nullcontext
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        tqdm.write(f"inkwash: {torch.cuda.get_device_name(device)} has no bf16; training in fp32.")
+        return nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+class Trainer:
+    """One training run. `train(cfg)` is the public entry point; this class holds the run's state."""
+
+    def __init__(self, cfg: TrainConfig):
+        from inkwash.models.registry import build_model
+
+        self.cfg = cfg
+        self.device = pick_device(cfg.device)
+        self.dist = setup_distributed(self.device)
+        self.out = Path(cfg.output_dir)
+        self.process = _process(cfg.process)
+        self.time_sampler = TimeSampler(cfg.time_sampling, **cfg.time_sampling_args)
+        self.text_cfg = _text_config(cfg.text_encoder)
+
+        torch.manual_seed(seed_for(cfg.seed, "init"))  # identical initial weights on every process
+        encoder = build_text_encoder(self.text_cfg)
+        self.trainable_text = bool(encoder.trainable)
+        self.encoder: TextEncoder = encoder if self.trainable_text else CachedTextEncoder(encoder.eval())
+        self.encoder.requires_grad_(self.trainable_text)
+        self.model_cfg = _model_config(cfg, encoder)
+        self.net: nn.Module = build_model(self.model_cfg)
+        self.net.to(self.device)
+        self.encoder.to(self.device)
+        self.ema = EMA(self.net, cfg.ema_decay) if cfg.ema_decay else None
+
+        params = list(self.net.parameters())
+        if self.trainable_text:
+            params += list(self.encoder.parameters())
+        self.params = [p for p in params if p.requires_grad]
+        self.opt = torch.optim.AdamW(
+            self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=1e-8
+        )
+        self.ddp_net, self.ddp_encoder = self._wrap_ddp()
+        self.denoiser = Denoiser(self.ddp_net, self.process, cfg.prediction)
+        self.autocast = autocast_for(cfg.precision, self.device)
+
+        self.dataset = build_dataset(cfg.dataset, cfg.image_size, cfg.seed)
+        self.order = DataOrder(len(self.dataset), cfg.seed)
+        self.step = 0
+
+    # -- set-up helpers
+
+    def _wrap_ddp(self):
+        if self.dist.world == 1:
+            return self.net, self.encoder
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        net = DDP(self.net, device_ids=ids)
+        enc = DDP(self.encoder, device_ids=ids) if self.trainable_text else self.encoder
+        return net, enc
+
+    @property
+    def chunks_per_step(self) -> int:
+        return self.cfg.grad_accum * self.dist.world
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.chunks_per_step
+
+    # -- one optimizer step
+
+    def _chunk(self, k: int) -> tuple[torch.Tensor, list[str]]:
+        """Images and captions of chunk k of the current step (caption dropout applied)."""
+        b = self.cfg.batch_size
+        start = self.step * self.global_batch + k * b  # position in the sample stream
+        images, captions = load_batch(self.dataset, self.order.indices(start, b))
+        if self.cfg.caption_dropout:
+            drop = torch.rand(b, generator=generator_for(self.cfg.seed, "caption", self.step, k))
+            captions = ["" if d < self.cfg.caption_dropout else c for c, d in zip(captions, drop.tolist())]
+        return images.to(self.device, torch.float32), captions
+
+    def _micro(self, k: int, bins: torch.Tensor) -> torch.Tensor:
+        """Forward + backward of chunk k; returns the summed (unscaled) loss, adds to the time bins."""
+        images, captions = self._chunk(k)
+        with self.autocast():
+            emb = self.ddp_encoder(captions)
+            cond = make_cond(emb, self.model_cfg)
+            loss, t = diffusion_loss(
+                self.denoiser,
+                images,
+                cond,
+                generator=generator_for(self.cfg.seed, "noise", self.step, k),
+                time_sampler=self.time_sampler,
+                min_snr_gamma=self.cfg.min_snr_gamma,
+                offset_noise=self.cfg.offset_noise,
+            )
+        loss = loss.float()
+        # Mean over the global batch: DDP averages gradients over processes, we sum over accumulation.
+        (loss.sum() / (self.cfg.batch_size * self.cfg.grad_accum)).backward()
+        idx = (self.process.normalized_time(t).clamp(0, 1) * LOSS_BINS).long().clamp(max=LOSS_BINS - 1)
+        detached = loss.detach().to("cpu", torch.float64)
+        bins[0].index_add_(0, idx, detached)
+        bins[1].index_add_(0, idx, torch.ones_like(detached))
+        return detached.sum()
+
+    def train_step(self, bins: torch.Tensor) -> float:
+        """One optimizer step over the global batch; returns its mean loss. Raises on non-finite numbers."""
+        cfg, W = self.cfg, self.dist.world
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(cfg, self.step)
+        self.opt.zero_grad(set_to_none=True)
+        total = torch.zeros((), dtype=torch.float64)
+        for a in range(cfg.grad_accum):
+            sync = a == cfg.grad_accum - 1 or W == 1
+            ctx = nullcontext() if sync else self._no_sync()
+            with ctx:
+                total += self._micro(a * W + self.dist.rank, bins)
+        params = self.params
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf"))
+        stats = self.dist.all_sum(torch.stack([total, norm.detach().to("cpu", torch.float64)]).clone())
+        loss, norm_sum = (float(v) for v in stats)
+        if not (math.isfinite(loss) and math.isfinite(norm_sum)):
+            mean = loss / self.global_batch
+            what = "gradient norm is inf/nan" if math.isfinite(loss) else f"loss is {mean}"
+            raise TrainingDiverged(
+                f"Training diverged at step {self.step + 1}: the {what}; the last checkpoint in {self.out} "
+                "is intact (try a lower learning rate, more warm-up or gradient clipping)."
+            )
+        self.opt.step()
+        if self.ema is not None:
+            self.ema.update(self.net)
+        self.step += 1
+        return loss / self.global_batch
+
+    def _no_sync(self):
+        stack = [m.no_sync() for m in (self.ddp_net, self.ddp_encoder) if hasattr(m, "no_sync")]
+        from contextlib import ExitStack
+
+        es = ExitStack()
+        for c in stack:
+            es.enter_context(c)
+        return es
+
+    # -- files
+
+    def model_meta(self) -> dict[str, Any]:
+        from inkwash.models.registry import config_to_dict
+
+        return {
+            "model": config_to_dict(self.model_cfg),
+            "process": self.process.to_dict(),
+            "prediction": self.cfg.prediction,
+            "text_encoder": self.text_cfg.to_dict(),
+            "image_size": self.cfg.image_size,
+            "channels": 3,
+            "sampling": dict(self.cfg.sampling),
+            "train_args": {**self.cfg.to_dict(), "step": self.step, "world_size": self.dist.world},
+        }
+
+    def _text_state(self) -> dict[str, torch.Tensor]:
+        return self.encoder.state_dict() if self.trainable_text else {}
+
+    def _check_finite_weights(self) -> None:
+        sd = self.net.state_dict()
+        bad = [n for n, p in sd.items() if p.is_floating_point() and not p.isfinite().all()]
+        if bad:
+            raise TrainingDiverged(
+                f"Training diverged at step {self.step}: weights {bad[:3]} are not finite; "
+                f"the last checkpoint in {self.out} is intact (try a lower learning rate)."
+            )
+
+    def save(self) -> Path:
+        """Model file + state file (rank 0 only); every process waits for the write."""
+        self._check_finite_weights()
+        path = self.out / MODEL_FILE
+        if self.dist.main:
+            weights = self.ema.state_dict(self.net) if self.ema is not None else self.net.state_dict()
+            dicts = {"model": weights}
+            if self.trainable_text:
+                dicts["text_encoder"] = self._text_state()
+            save_model(path, dicts, self.model_meta())
+            optim, optim_meta = flatten_optimizer_state(self.opt.state_dict())
+            state = {"model": self.net.state_dict(), "optim": optim, "rng": {"torch": torch.get_rng_state()}}
+            if self.ema is not None:
+                state["ema"] = self.ema.state_dict()
+            if self.trainable_text:
+                state["text_encoder"] = self._text_state()
+            meta = {
+                "step": self.step,
+                "data_position": self.step * self.global_batch,
+                "ema_updates": self.ema.num_updates if self.ema is not None else 0,
+                "optim": optim_meta,
+                "train_args": self.cfg.to_dict(),
+                "world_size": self.dist.world,
+            }
+            save_state(self.out / STATE_FILE, state, meta)
+        self.dist.barrier()
+        return path
+
+    def resume(self) -> None:
+        """Load the state file in the output folder; UserError if absent or from a different run."""
+        path = self.out / STATE_FILE
+        if not path.is_file():
+            raise UserError(f"Nothing to resume: {path} does not exist (train without resume to start).")
+        meta, groups = load_state(path)
+        saved, now = meta["train_args"], self.cfg.to_dict()
+        changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+        if meta["world_size"] * saved["grad_accum"] != self.dist.world * self.cfg.grad_accum:
+            changed.append("global batch (world size x grad_accum)")
+        if changed:
+            raise UserError(f"Cannot resume from {path}: these options differ from the saved run: {changed}.")
+        self.net.load_state_dict(groups["model"])
+        if self.trainable_text:
+            self.encoder.load_state_dict(groups["text_encoder"])
+        if self.ema is not None:
+            self.ema.load_state_dict(groups["ema"], meta["ema_updates"])
+        self.opt.load_state_dict(unflatten_optimizer_state(groups.get("optim", {}), meta["optim"]))
+        torch.set_rng_state(groups["rng"]["torch"])
+        self.step = int(meta["step"])
+        if self.dist.main:
+            self._truncate_metrics()
+
+    def _truncate_metrics(self) -> None:
+        """Drop metric lines written after the resumed step (by a run that was killed later)."""
+        path = self.out / METRICS_FILE
+        if path.is_file():
+            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
+            path.write_text("".join(ln + "\n" for ln in keep))
+
+    def log(self, loss_sum: float, n_steps: int, bins: torch.Tensor, seconds: float) -> dict[str, Any]:
+        bins = self.dist.all_sum(bins.clone())
+        per_bin = [None if c == 0 else s / c for s, c in zip(bins[0].tolist(), bins[1].tolist())]
+        rec = {
+            "step": self.step,
+            "loss": loss_sum / n_steps,
+            "loss_by_t": per_bin,
+            "lr": self.opt.param_groups[0]["lr"],
+            "images_per_s": n_steps * self.global_batch / max(seconds, 1e-9),
+        }
+        if self.dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.out / METRICS_FILE, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        return rec
+
+    @torch.no_grad()
+    def sample_grid(self) -> Path | None:
+        """A PNG grid of the sample prompts with the current (EMA) weights; rank 0 only."""
+        if not self.dist.main or not self.cfg.sample_prompts:
+            return None
+        net = self.net
+        if self.ema is not None:
+            import copy
+
+            net = copy.deepcopy(self.net)
+            self.ema.copy_to(net)
+        path = self.out / f"samples_{self.step:07d}.png"
+        was_training = (net.training, self.encoder.training)
+        net.eval()
+        self.encoder.eval()
+        try:
+            images = render_samples(
+                Denoiser(net, self.process, self.cfg.prediction),
+                self.encoder,
+                self.model_cfg,
+                list(self.cfg.sample_prompts),
+                self.cfg.image_size,
+                self.cfg.sampling,
+                seed=self.cfg.seed,
+                device=self.device,
+            )
+        finally:
+            net.train(was_training[0])
+            self.encoder.train(was_training[1])
+        save_grid(images, path)
+        return path
+
+
+def render_samples(denoiser, encoder, model_cfg, prompts, size, sampling, *, seed, device) -> torch.Tensor:
+    """Images [N, 3, H, W] in [-1, 1] for `prompts`, with classifier-free guidance from "" prompts."""
+    from inkwash.sampling import Guided, sample
+
+    cond = make_cond(encoder(prompts), model_cfg)
+    uncond = make_cond(encoder([""] * len(prompts)), model_cfg)
+    model = Guided(denoiser, cond, uncond, scale=float(sampling.get("guidance", 1.0)))
+    x = sample(
+        model,
+        (len(prompts), 3, size, size),
+        process=denoiser.process,
+        steps=int(sampling.get("steps", 20)),
+        sampler=sampling.get("sampler", "euler"),
+        schedule=sampling.get("schedule"),
+        generator=torch.Generator().manual_seed(seed),
+        device=device,
+    )
+    return x.clamp(-1, 1)
+
+
+def save_grid(images: torch.Tensor, path: Path, cols: int | None = None) -> None:
+    """Write images [N, 3, H, W] in [-1, 1] as one PNG, `cols` per row (atomically)."""
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = torch.zeros(3, rows * h, cols * w)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        grid[:, r * h : (r + 1) * h, c * w : (c + 1) * w] = images[i].float().cpu()
+    arr = ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(arr).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = None) -> Path:
+    """Train per `cfg` (under torchrun too) and return the model checkpoint path.
+
+    `resume` continues the run in `cfg.output_dir` exactly; `max_steps` stops (with a checkpoint)
+    after that many optimizer steps in total, as if the run had been interrupted there.
+    """
+    tr = Trainer(cfg)
+    try:
+        return _run(tr, resume=resume, max_steps=max_steps)
+    finally:
+        if tr.dist.owns_group:
+            dist.destroy_process_group()
+
+
+def _run(tr: Trainer, *, resume: bool, max_steps: int | None) -> Path:
+    cfg = tr.cfg
+    if resume:
+        tr.resume()
+    end = min(cfg.steps, max_steps) if max_steps is not None else cfg.steps
+    tr.net.train()
+    tr.encoder.train(tr.trainable_text)
+    bins = torch.zeros(2, LOSS_BINS, dtype=torch.float64)
+    loss_sum, n, t0 = 0.0, 0, time.perf_counter()
+    bar = tqdm(total=end, initial=tr.step, desc="train", disable=not tr.dist.main, dynamic_ncols=True)
+    try:
+        while tr.step < end:
+            loss_sum += tr.train_step(bins)
+            n += 1
+            bar.update(1)
+            if tr.step % cfg.log_every == 0 or tr.step == end:
+                rec = tr.log(loss_sum, n, bins, time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
+                bins.zero_()
+                loss_sum, n, t0 = 0.0, 0, time.perf_counter()
+            if cfg.checkpoint_every and tr.step % cfg.checkpoint_every == 0 and tr.step < end:
+                tr.save()
+            if cfg.sample_every and tr.step % cfg.sample_every == 0 and tr.step < end:
+                tr.sample_grid()
+    finally:
+        bar.close()
+    path = tr.save()
+    if tr.step == cfg.steps:
+        tr.sample_grid()
+    return path
