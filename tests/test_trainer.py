@@ -20,6 +20,15 @@ TINY_TEXT = {"name": "small", "dim": 16, "layers": 1, "heads": 2, "max_length": 
 
 
 @pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny nets are fastest single-threaded, and far slower when threads contend for a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
 def shapes_data(monkeypatch):
     """Use inkwash.data.build_dataset when it exists, else the Shapes dataset directly."""
     import inkwash.data
