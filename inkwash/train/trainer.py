@@ -20,7 +20,7 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,8 +49,7 @@ LOSS_BINS = 10  # loss reported per tenth of normalized time (0 clean .. 1 pure 
 
 # TrainConfig fields that may change between a run and its resumption without changing its numbers.
 RESUMABLE_CHANGES = frozenset(
-    {"steps", "output_dir", "sample_every", "checkpoint_every", "log_every", "sample_prompts", "sampling"}
-    | {"device"}
+    {"steps", "output_dir", "sample_every", "checkpoint_every", "log_every", "sample_prompts", "sampling"} | {"device"}
 )
 
 
@@ -85,9 +84,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end of the run
     log_every: int = 10
     sample_prompts: tuple[str, ...] = ("a red circle", "a blue square", "a green triangle", "")
-    sampling: dict = field(
-        default_factory=lambda: {"sampler": "euler", "steps": 20, "guidance": 4.0, "schedule": None}
-    )
+    sampling: dict = field(default_factory=lambda: {"sampler": "euler", "steps": 20, "guidance": 4.0, "schedule": None})
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
     def __post_init__(self):
@@ -319,9 +316,7 @@ class Trainer:
         if self.trainable_text:
             params += list(self.encoder.parameters())
         self.params = [p for p in params if p.requires_grad]
-        self.opt = torch.optim.AdamW(
-            self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=1e-8
-        )
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=1e-8)
         self.ddp_net, self.ddp_encoder = self._wrap_ddp()
         self.denoiser = Denoiser(self.ddp_net, self.process, cfg.prediction)
         self.autocast = autocast_for(cfg.precision, self.device)
@@ -416,13 +411,12 @@ class Trainer:
         return loss / self.global_batch
 
     def _no_sync(self):
-        stack = [m.no_sync() for m in (self.ddp_net, self.ddp_encoder) if hasattr(m, "no_sync")]
-        from contextlib import ExitStack
-
-        es = ExitStack()
-        for c in stack:
-            es.enter_context(c)
-        return es
+        """Skip DDP's gradient all-reduce for all but the last accumulation pass."""
+        stack = ExitStack()
+        for m in (self.ddp_net, self.ddp_encoder):
+            if hasattr(m, "no_sync"):
+                stack.enter_context(m.no_sync())
+        return stack
 
     # -- files
 
@@ -463,7 +457,10 @@ class Trainer:
                 dicts["text_encoder"] = self._text_state()
             save_model(path, dicts, self.model_meta())
             optim, optim_meta = flatten_optimizer_state(self.opt.state_dict())
-            state = {"model": self.net.state_dict(), "optim": optim, "rng": {"torch": torch.get_rng_state()}}
+            rng = {"torch": torch.get_rng_state()}  # network-internal randomness (dropout)
+            if self.device.type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state(self.device)
+            state = {"model": self.net.state_dict(), "optim": optim, "rng": rng}
             if self.ema is not None:
                 state["ema"] = self.ema.state_dict()
             if self.trainable_text:
@@ -499,12 +496,12 @@ class Trainer:
             self.ema.load_state_dict(groups["ema"], meta["ema_updates"])
         self.opt.load_state_dict(unflatten_optimizer_state(groups.get("optim", {}), meta["optim"]))
         torch.set_rng_state(groups["rng"]["torch"])
+        if self.device.type == "cuda" and "cuda" in groups["rng"]:
+            torch.cuda.set_rng_state(groups["rng"]["cuda"], self.device)
         self.step = int(meta["step"])
-        if self.dist.main:
-            self._truncate_metrics()
 
-    def _truncate_metrics(self) -> None:
-        """Drop metric lines written after the resumed step (by a run that was killed later)."""
+    def truncate_metrics(self) -> None:
+        """Drop metric lines after the current step: a killed run's, or all of them on a fresh start."""
         path = self.out / METRICS_FILE
         if path.is_file():
             keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
@@ -615,6 +612,8 @@ def _run(tr: Trainer, *, resume: bool, max_steps: int | None) -> Path:
     cfg = tr.cfg
     if resume:
         tr.resume()
+    if tr.dist.main:
+        tr.truncate_metrics()
     end = min(cfg.steps, max_steps) if max_steps is not None else cfg.steps
     tr.net.train()
     tr.encoder.train(tr.trainable_text)
