@@ -360,9 +360,10 @@ class Trainer:
     def _micro(self, k: int, bins: torch.Tensor) -> torch.Tensor:
         """Forward + backward of chunk k; returns the summed (unscaled) loss, adds to the time bins."""
         images, captions = self._chunk(k)
+        # Frozen encoders run outside autocast so their cached embeddings stay float32.
+        with self.autocast() if self.trainable_text else nullcontext():
+            cond = make_cond(self.ddp_encoder(captions), self.model_cfg)
         with self.autocast():
-            emb = self.ddp_encoder(captions)
-            cond = make_cond(emb, self.model_cfg)
             loss, t = diffusion_loss(
                 self.denoiser,
                 images,
