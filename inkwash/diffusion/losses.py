@@ -36,16 +36,10 @@ class TimeSampler:
 
     def draw_u(self, n: int, generator: torch.Generator | None, process=None) -> torch.Tensor:
         if self.method == "logit_normal":
-            return torch.sigmoid(
-                self.mean + self.std * torch.randn(n, generator=generator, dtype=torch.float64)
-            )
+            return torch.sigmoid(self.mean + self.std * torch.randn(n, generator=generator, dtype=torch.float64))
         u = torch.rand(n, generator=generator, dtype=torch.float64)
         if self.method == "shifted":
-            shift = (
-                self.shift
-                if self.shift is not None
-                else (process.shift if isinstance(process, Flow) else 1.0)
-            )
+            shift = self.shift if self.shift is not None else (process.shift if isinstance(process, Flow) else 1.0)
             u = shift_time(u, shift)
         return u
 

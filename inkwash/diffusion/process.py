@@ -82,9 +82,7 @@ def betas_for(schedule: str, n: int, beta_start: float, beta_end: float) -> Tens
         return torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float64) ** 2
     if schedule == "cosine":  # improved DDPM eq. 17, betas clipped at 0.999 (diffusers' squaredcos_cap_v2)
         f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
-        return torch.tensor(
-            [min(1 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)], dtype=torch.float64
-        )
+        return torch.tensor([min(1 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)], dtype=torch.float64)
     raise UserError(f"unknown beta schedule {schedule!r}; valid: linear, scaled_linear, cosine")
 
 

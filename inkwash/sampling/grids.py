@@ -70,17 +70,13 @@ def exponential(process: Process, steps: int, ratio_min=None, ratio_max=None) ->
     """Noise levels evenly spaced in log sigma (k-diffusion's get_sigmas_exponential)."""
     if isinstance(process, Flow):
         lo, hi = ratio_min or 1e-3, ratio_max or 1.0
-        return _finish(
-            process, torch.exp(torch.linspace(math.log(hi), math.log(lo), steps, dtype=torch.float64))
-        )
+        return _finish(process, torch.exp(torch.linspace(math.log(hi), math.log(lo), steps, dtype=torch.float64)))
     lo, hi = _ratio_bounds(process, ratio_min, ratio_max)
     ratios = torch.exp(torch.linspace(math.log(hi), math.log(lo), steps, dtype=torch.float64))
     return _finish(process, process.t_from_ratio(ratios))
 
 
-def shift(
-    process: Process, steps: int, seq_len: int | None = None, t_last: float | None = None
-) -> torch.Tensor:
+def shift(process: Process, steps: int, seq_len: int | None = None, t_last: float | None = None) -> torch.Tensor:
     """FLUX's get_schedule: linspace(1, 0) shifted by SD3's static shift or FLUX's exp(mu(seq_len))."""
     if not isinstance(process, Flow):
         raise UserError("the 'shift' schedule is for flow models; try 'trailing' or 'karras'")

@@ -25,6 +25,11 @@ def _coeffs(process: Process, t) -> tuple[float, float]:
     return float(alpha), float(sigma)
 
 
+def _ratio(alpha: float, sigma: float) -> float:
+    """sigma / alpha, the variance-exploding noise level; infinite at pure noise (Flow at t = 1)."""
+    return sigma / alpha if alpha > 0 else float("inf")
+
+
 def _noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
 
@@ -80,10 +85,10 @@ def euler_ancestral(
     for i, t, t_next in _steps(times):
         a, s = _coeffs(process, t)
         a_next, s_next = _coeffs(process, t_next)
-        r, r_next = s / a, s_next / a_next  # noise levels of the variance-exploding path
+        r, r_next = _ratio(a, s), _ratio(a_next, s_next)
         x0 = model(x, t)
         eps = _eps(x, x0, a, s)
-        r_up = min(r_next, eta * (r_next**2 * (r**2 - r_next**2) / r**2) ** 0.5)
+        r_up = min(r_next, eta * r_next * max(0.0, 1 - (r_next / r) ** 2) ** 0.5)  # r = inf at pure noise
         r_down = (r_next**2 - r_up**2) ** 0.5
         x_ve = x0 + r_down * eps
         if r_up > 0:
@@ -94,14 +99,15 @@ def euler_ancestral(
 
 
 def heun(model: Model, x: Tensor, times: Tensor, *, process: Process, generator=None, callback=None):
-    """Heun's second-order method (Karras et al. 2022, Alg. 1); Euler for the last step to sigma = 0."""
+    """Heun's second-order method (Karras et al. 2022, Alg. 1) in sigma/alpha; Euler for the last step to
+    sigma = 0 and for a first step from pure noise (alpha = 0, where sigma/alpha is infinite)."""
     for i, t, t_next in _steps(times):
         a, s = _coeffs(process, t)
         a_next, s_next = _coeffs(process, t_next)
         x0 = model(x, t)
         eps = _eps(x, x0, a, s)
         x_ve_pred = x0 + (s_next / a_next) * eps  # Euler step, on the variance-exploding scale
-        if s_next == 0:
+        if s_next == 0 or a == 0:  # to the clean end, or from pure noise (Flow at t = 1): Euler
             x = a_next * x_ve_pred
         else:
             x0_2 = model(a_next * x_ve_pred, t_next)
@@ -120,7 +126,7 @@ def _dpmpp_2m(model, x, times, process, generator, callback, sde: bool):
         a, s = _coeffs(process, t)
         a_next, s_next = _coeffs(process, t_next)
         x0 = model(x, t)
-        e_h = (s_next / a_next) / (s / a)  # exp(-h), h = lambda' - lambda; 0 at the clean end
+        e_h = _ratio(a_next, s_next) / _ratio(a, s)  # exp(-h), h = lambda' - lambda; 0 at the clean end
         h = -torch.log(torch.tensor(e_h, dtype=torch.float64)).item() if e_h > 0 else float("inf")
         d = x0
         if x0_prev is not None and i < n - 1:
