@@ -204,3 +204,22 @@ def test_data_order_is_a_seeded_permutation_per_epoch():
     assert DataOrder(10, seed=3).indices(7, 6) == first[7:] + DataOrder(10, seed=3).indices(10, 3)
     assert sorted(order.indices(10, 10)) == list(range(10)) and order.indices(10, 10) != first
     assert DataOrder(2**31, seed=0).indices(5, 3) == [5, 6, 7]  # unbounded procedural data: index order
+
+
+def test_ema_update_rule():
+    from inkwash.train.ema import EMA
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = EMA(net, decay=0.75)
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    net.train()(torch.randn(4, 2))  # moves BatchNorm's running stats and counter (buffers)
+    ema.update(net)
+    for name, p in net.named_parameters():
+        torch.testing.assert_close(ema.shadow[name], 0.75 * start[name] + 0.25 * p.detach())
+    assert torch.equal(ema.shadow["1.num_batches_tracked"], net.state_dict()["1.num_batches_tracked"])
+    copy = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema.copy_to(copy)
+    assert torch.equal(copy[0].weight, ema.shadow["0.weight"]) and ema.num_updates == 1
