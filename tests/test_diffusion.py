@@ -19,10 +19,11 @@ from inkwash.sampling import GRIDS, Guided, make_times
 def test_prediction_round_trip(a, s, kind):
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(64, generator=g, dtype=torch.float64), torch.randn(64, generator=g, dtype=torch.float64)
+    a, s = torch.tensor(a, dtype=torch.float64), torch.tensor(s, dtype=torch.float64)
     x = a * x0 + s * eps
-    out = from_x0_eps(x0, eps, torch.tensor(a), torch.tensor(s), kind)
-    x0_b, eps_b = to_x0_eps(out, x, torch.tensor(a), torch.tensor(s), kind)
-    assert torch.allclose(x0_b, x0, atol=1e-7) and torch.allclose(eps_b, eps, atol=1e-7)
+    out = from_x0_eps(x0, eps, a, s, kind)
+    x0_b, eps_b = to_x0_eps(out, x, a, s, kind)
+    assert torch.allclose(x0_b, x0, atol=1e-9) and torch.allclose(eps_b, eps, atol=1e-9)
 
 
 def test_vp_tables_match_diffusers():
