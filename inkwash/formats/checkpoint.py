@@ -115,9 +115,7 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------- model files
 
 
-def save_model(
-    path: str | os.PathLike, state_dicts: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]
-) -> Path:
+def save_model(path: str | os.PathLike, state_dicts: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> Path:
     """Atomically write a model file: `state_dicts` maps prefix ("model", "text_encoder") -> state dict.
 
     `meta` is the inkwash JSON (model, process, prediction, text_encoder, image_size, channels,
@@ -170,9 +168,7 @@ def flatten_optimizer_state(osd: dict[str, Any]) -> tuple[dict[str, torch.Tensor
                 tensors[f"{pid}.{name}"] = v
             else:
                 scalars.setdefault(str(pid), {})[name] = v
-    groups = [
-        {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in osd["param_groups"]
-    ]
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in osd["param_groups"]]
     tuple_keys = sorted({k for g in osd["param_groups"] for k, v in g.items() if isinstance(v, tuple)})
     return tensors, {"param_groups": groups, "scalars": scalars, "tuple_keys": tuple_keys}
 
@@ -193,9 +189,7 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, 
 # ---------------------------------------------------------------------------- training state
 
 
-def save_state(
-    path: str | os.PathLike, state_dicts: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]
-) -> Path:
+def save_state(path: str | os.PathLike, state_dicts: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> Path:
     """Atomically write a training-state file: prefixes of your choosing ("model", "ema", "optim", ...)."""
     return _save(path, _flatten(state_dicts), {**meta, "format": STATE_FORMAT, "version": VERSION})
 
