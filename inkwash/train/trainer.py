@@ -239,14 +239,18 @@ class Dist:
     rank: int = 0
     world: int = 1
     owns_group: bool = False  # we initialised the process group, so we tear it down
+    device: torch.device = torch.device("cpu")  # where collectives run (nccl needs CUDA tensors)
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum `t` over processes, in place (a small CPU tensor of statistics)."""
         if self.world > 1:
-            dist.all_reduce(t)
+            on_device = t.to(self.device)
+            dist.all_reduce(on_device)
+            t.copy_(on_device)
         return t
 
     def barrier(self) -> None:
@@ -254,16 +258,16 @@ class Dist:
             dist.barrier()
 
 
-def setup_distributed(device: torch.device | None = None) -> Dist:
-    """Join torchrun's process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
-    if dist.is_available() and dist.is_initialized():
-        return Dist(dist.get_rank(), dist.get_world_size())
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    backend = "nccl" if torch.cuda.is_available() and (device is None or device.type == "cuda") else "gloo"
-    dist.init_process_group(backend)
-    return Dist(dist.get_rank(), dist.get_world_size(), owns_group=True)
+def setup_distributed(device: torch.device) -> Dist:
+    """Join torchrun's process group when WORLD_SIZE > 1 (nccl for CUDA devices, gloo otherwise)."""
+    owns = False
+    if not (dist.is_available() and dist.is_initialized()):
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            return Dist()
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        owns = True
+    comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    return Dist(dist.get_rank(), dist.get_world_size(), owns_group=owns, device=comm)
 
 
 def pick_device(spec: str) -> torch.device:
