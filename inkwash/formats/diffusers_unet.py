@@ -85,9 +85,7 @@ def unet_config_from_diffusers(config: Mapping) -> UNetConfig:
         attention_levels=tuple(i for i, t in enumerate(downs) if t.startswith("CrossAttn")),
         num_heads=num_heads,
         head_dim=head_dim,
-        transformer_depth=_uniform(
-            config.get("transformer_layers_per_block", 1), "transformer_layers_per_block"
-        ),
+        transformer_depth=_uniform(config.get("transformer_layers_per_block", 1), "transformer_layers_per_block"),
         context_dim=_uniform(config.get("cross_attention_dim", 1280), "cross_attention_dim"),
         y_dim=(config.get("projection_class_embeddings_input_dim") or 0) if class_embed else 0,
         mid_attention=mid == "UNetMidBlock2DCrossAttn",
@@ -183,3 +181,30 @@ def unet_from_diffusers(config: Mapping, sd: Mapping[str, torch.Tensor]) -> UNet
         )
     model.load_state_dict(converted, assign=True)
     return model
+
+
+def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
+    """UNetConfig -> the UNet2DConditionModel keyword arguments that build the same network (for parity and bench)."""
+    n = len(cfg.channel_mult)
+    attn = [i in cfg.attention_levels for i in range(n)]
+    boc = cfg.level_channels
+    return dict(
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        block_out_channels=tuple(boc),
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        mid_block_type="UNetMidBlock2DCrossAttn" if cfg.mid_attention else "UNetMidBlock2D",
+        layers_per_block=cfg.num_res_blocks,
+        attention_head_dim=tuple(cfg.heads(c) for c in boc) if cfg.head_dim else cfg.num_heads,
+        transformer_layers_per_block=cfg.transformer_depth,
+        cross_attention_dim=cfg.context_dim,
+        class_embed_type="projection" if cfg.y_dim else None,
+        projection_class_embeddings_input_dim=cfg.y_dim or None,
+        norm_num_groups=cfg.norm_groups,
+        norm_eps=cfg.norm_eps,
+        resnet_time_scale_shift="scale_shift" if cfg.scale_shift else "default",
+        flip_sin_to_cos=cfg.flip_sin_to_cos,
+        freq_shift=cfg.freq_shift,
+        use_linear_projection=True,
+    )

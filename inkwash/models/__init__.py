@@ -1,1 +1,26 @@
-"""inkwash.models"""
+"""inkwash.models: networks (U-Net, ...), shared layers, presets and FLOP counting. Knows nothing of noise."""
+
+from inkwash.models.flops import count_flops
+from inkwash.models.registry import (
+    PRESETS,
+    build_model,
+    config_from_dict,
+    config_to_dict,
+    get_preset,
+    register,
+    register_arch,
+)
+from inkwash.models.unet import UNet, UNetConfig
+
+__all__ = [
+    "PRESETS",
+    "UNet",
+    "UNetConfig",
+    "build_model",
+    "config_from_dict",
+    "config_to_dict",
+    "count_flops",
+    "get_preset",
+    "register",
+    "register_arch",
+]

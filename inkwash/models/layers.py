@@ -28,9 +28,7 @@ def timestep_embedding(
     SD uses flip_sin_to_cos=True, freq_shift=0.
     """
     half = dim // 2
-    exponent = (
-        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
-    )
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
     args = t.float()[:, None] * exponent.exp()[None]  # [B, half]
     sin, cos = args.sin(), args.cos()
     emb = torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=-1)  # [B, 2*half]
@@ -52,9 +50,7 @@ class MLPEmbedder(nn.Module):
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-Conv twice, with the (already SiLU-activated) embedding added or used as scale-shift."""
 
-    def __init__(
-        self, in_ch: int, out_ch: int, emb_dim: int, *, groups: int, eps: float, scale_shift: bool = False
-    ):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, *, groups: int, eps: float, scale_shift: bool = False):
         super().__init__()
         self.scale_shift = scale_shift
         self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
@@ -99,9 +95,7 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
-) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, H, N, D], k/v [B, H, L, D], mask [B, L] bool (True = attend) -> [B, N, H*D]."""
     if mask is not None:
         # A row with no real key would give NaN; let it attend everywhere, as an additive -1e4 bias would.
@@ -135,9 +129,7 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(context_dim, 2 * dim, bias=False)
         self.out = nn.Linear(dim, dim)
 
-    def forward(
-        self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         # x [B, N, C], context [B, L, Dc], mask [B, L] bool -> [B, N, C]
         B, N, C = x.shape
         L, H = context.shape[1], self.heads
@@ -172,9 +164,7 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = GEGLU(dim)
 
-    def forward(
-        self, x: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x))  # [B, N, C]
         if self.attn2 is not None and context is not None:
             x = x + self.attn2(self.norm2(x), context, mask)
@@ -191,9 +181,7 @@ class SpatialTransformer(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(ch, heads, context_dim) for _ in range(depth))
         self.proj_out = nn.Linear(ch, ch)
 
-    def forward(
-        self, x: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, C, H, W = x.shape
         h = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C))  # [B, HW, C]
         for block in self.blocks:

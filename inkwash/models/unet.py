@@ -38,7 +38,7 @@ class UNetConfig:
     transformer_depth: int = 1
     context_dim: int = 768  # text token width; 0 = no cross-attention at all
     y_dim: int = 0  # extra conditioning vector added to the time embedding; 0 = none
-    mid_attention: bool = True
+    mid_attention: bool = True  # mid block is ResBlock-transformer-ResBlock; False: one ResBlock (diffusers)
     norm_groups: int = 32
     norm_eps: float = 1e-5
     scale_shift: bool = False  # ResBlock uses the embedding as GroupNorm scale and shift
@@ -114,7 +114,7 @@ class UNet(nn.Module):
             self.down.append(Level(res, attn, None if last else Downsample(ch)))
             skips += [] if last else [ch]
 
-        self.mid = Level([ResBlock(ch, ch, E, **norm), ResBlock(ch, ch, E, **norm)], [], None)
+        self.mid = Level([ResBlock(ch, ch, E, **norm) for _ in range(2 if cfg.mid_attention else 1)], [], None)
         self.mid_attn = transformer(ch) if cfg.mid_attention else None
 
         self.up = nn.ModuleList()  # deepest level first
@@ -176,8 +176,8 @@ class UNet(nn.Module):
                 h = level.resample(h)  # [B, C, H/2, W/2]
                 skips.append(h)
         h = self.mid.res[0](h, emb)
-        h = self.mid_attn(h, *ctx) if self.mid_attn is not None else h
-        h = self.mid.res[1](h, emb)
+        if self.mid_attn is not None:
+            h = self.mid.res[1](self.mid_attn(h, *ctx), emb)
         for level in self.up:
             for j in range(len(level.res)):
                 h = level.block(j, torch.cat([h, skips.pop()], dim=1), emb, *ctx)

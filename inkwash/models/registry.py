@@ -1,0 +1,101 @@
+"""Named model presets, and building / (de)serialising model configs by architecture.
+
+Owns the preset table and the arch name <-> config type mapping. Other architectures join with
+`register_arch`; presets with `register`. Knows nothing of noise, text encoders or file formats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from inkwash.errors import UserError
+from inkwash.models.unet import UNet, UNetConfig
+
+ModelConfig = Any  # one typed dataclass per architecture (UNetConfig, ...); see ARCHS
+
+# arch name -> (config type, builder)
+ARCHS: dict[str, tuple[type, Callable[[Any], nn.Module]]] = {"unet": (UNetConfig, UNet)}
+
+
+def register_arch(name: str, config_type: type, builder: Callable[[Any], nn.Module]) -> None:
+    """Make a new architecture known to build_model / config_to_dict / config_from_dict."""
+    ARCHS[name] = (config_type, builder)
+
+
+def _arch_of(cfg: ModelConfig) -> str:
+    for name, (config_type, _) in ARCHS.items():
+        if type(cfg) is config_type:
+            return name
+    raise UserError(f"unknown model config type {type(cfg).__name__}; known: {sorted(ARCHS)}")
+
+
+PRESETS: dict[str, ModelConfig] = {}
+
+
+def register(name: str, cfg: ModelConfig) -> None:
+    """Add a named preset (its config type must belong to a registered architecture)."""
+    _arch_of(cfg)
+    PRESETS[name] = cfg
+
+
+def get_preset(name: str) -> ModelConfig:
+    """The config registered under `name`; UserError listing the valid names otherwise."""
+    if name not in PRESETS:
+        raise UserError(f"unknown model preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """Instantiate the network a config describes (use `with torch.device('meta'):` to skip allocation)."""
+    return ARCHS[_arch_of(cfg)][1](cfg)
+
+
+def config_to_dict(cfg: ModelConfig) -> dict:
+    """A JSON-ready dict of the config plus its `"arch"` name."""
+    return {"arch": _arch_of(cfg), **dataclasses.asdict(cfg)}
+
+
+def config_from_dict(d: dict) -> ModelConfig:
+    """Inverse of config_to_dict; unknown arch or fields raise UserError."""
+    d = dict(d)
+    arch = d.pop("arch", None)
+    if arch not in ARCHS:
+        raise UserError(f"unknown model arch {arch!r}; known: {sorted(ARCHS)}")
+    config_type = ARCHS[arch][0]
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(config_type)})
+    if unknown:
+        raise UserError(f"unknown {arch} config fields: {', '.join(unknown)}")
+    try:
+        return config_type(**d)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"invalid {arch} config: {e}") from e
+
+
+# Pixel-space presets take 3 channels; context_dim 384 matches the default MiniLM text encoder.
+register(
+    "unet-tiny",  # tests: ~1M params
+    UNetConfig(
+        in_channels=3, out_channels=3, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+        attention_levels=(1,), num_heads=4, context_dim=32, norm_groups=8,
+    ),
+)  # fmt: skip
+register(
+    "unet-s",  # small text-conditioned pixel model for 32-64 px
+    UNetConfig(
+        in_channels=3, out_channels=3, model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2,
+        attention_levels=(1,), num_heads=4, context_dim=384,
+    ),
+)  # fmt: skip
+register(
+    "unet-b",  # base text-conditioned pixel model for 64-128 px
+    UNetConfig(
+        in_channels=3, out_channels=3, model_channels=128, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
+        attention_levels=(1, 2, 3), num_heads=8, context_dim=384,
+    ),
+)  # fmt: skip
+# Stable Diffusion 1.5's U-Net exactly (latent space, CLIP ViT-L/14 context): 859,520,964 parameters.
+register("sd15", UNetConfig())
