@@ -1,3 +1,17 @@
-"""inkwash: text-to-image diffusion, DDPM to FLUX, in one readable codebase."""
+"""inkwash: text-to-image diffusion, DDPM to FLUX, in one readable codebase.
+
+pipe = inkwash.load()            # the bundled Shapes model; or a model file, or a preset name
+images = pipe("a red circle above a blue square", steps=20, seed=0)
+"""
 
 __version__ = "0.1.0"
+
+
+def load(path_or_preset=None, device="cpu"):
+    """Load a model file, a named preset (untrained), or the bundled model; returns a Pipeline."""
+    from .pipeline import load as _load
+
+    return _load(path_or_preset, device)
+
+
+__all__ = ["load", "__version__"]

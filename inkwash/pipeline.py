@@ -1,0 +1,278 @@
+"""prompt -> text encoder -> sampler(guided denoiser) -> images + metadata.
+
+The one place that turns a model file (or preset) into images; the CLI, the trainer's sample grids
+and the Python API (`inkwash.load`) all call it. Knows no file layouts beyond `formats.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, PngImagePlugin
+
+from .diffusion import Denoiser, Process, process_from_dict
+from .errors import UserError
+from .formats.checkpoint import load_model_file, strip_prefix
+from .models.registry import build_model, config_from_dict, config_to_dict, get_preset
+from .sampling import SAMPLERS, Guided, get_sampler, make_times
+from .text import TextEncoderConfig, build_text_encoder
+from .text.base import TextEncoder
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+BUNDLED = ASSETS / "shapes-unet.safetensors"
+MAX_PROMPT_CHARS = 1000
+
+
+def default_model_path() -> Path:
+    """The model trained on Shapes that ships inside the package."""
+    if not BUNDLED.exists():
+        raise UserError(f"the bundled model {BUNDLED} is missing; reinstall inkwash or pass --model")
+    return BUNDLED
+
+
+@dataclass
+class Sampling:
+    """How to sample: defaults come from the model file, callers override any field."""
+
+    sampler: str = "euler"
+    steps: int = 20
+    guidance: float = 4.0
+    schedule: str | None = None
+    rescale: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Sampling:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def text_cond(emb, model_cfg) -> dict[str, torch.Tensor]:
+    """Network keyword arguments from a text embedding, for the inputs the network config has."""
+    cond = {}
+    if getattr(model_cfg, "context_dim", 0):
+        cond["context"], cond["context_mask"] = emb.tokens, emb.mask
+    if getattr(model_cfg, "y_dim", 0):
+        cond["y"] = emb.pooled
+    return cond
+
+
+def png_parameters(prompt: str, negative: str, s: Sampling, seed: int, size: int, model: str) -> str:
+    """A1111-style `parameters` text, so settings can be read back from the PNG."""
+    neg = f"\nNegative prompt: {negative}" if negative else ""
+    sched = f", Schedule type: {s.schedule}" if s.schedule else ""
+    rescale = f", Guidance rescale: {s.rescale}" if s.rescale else ""
+    return (
+        f"{prompt}{neg}\nSteps: {s.steps}, Sampler: {s.sampler}{sched}, CFG scale: {s.guidance}{rescale}, "
+        f"Seed: {seed}, Size: {size}x{size}, Model: {model}"
+    )
+
+
+def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
+    """Write a PNG keeping its `parameters` text chunk."""
+    info = PngImagePlugin.PngInfo()
+    for k, v in image.info.items():
+        if isinstance(v, str):
+            info.add_text(k, v)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, pnginfo=info)
+    return path
+
+
+def to_pil(x: torch.Tensor) -> list[Image.Image]:
+    """[N, 3, H, W] in [-1, 1] -> PIL images."""
+    arr = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+@dataclass
+class Pipeline:
+    net: torch.nn.Module
+    model_cfg: Any
+    process: Process
+    prediction: str
+    encoder: TextEncoder
+    image_size: int
+    channels: int = 3
+    sampling: Sampling = field(default_factory=Sampling)
+    name: str = "model"
+    meta: dict = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    # --- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Pipeline:
+        path = Path(path)
+        if not path.exists():
+            raise UserError(f"model file {path} does not exist")
+        meta, tensors = load_model_file(path)
+        try:
+            model_cfg = config_from_dict(meta["model"])
+            process = process_from_dict(meta["process"])
+            text_cfg = TextEncoderConfig.from_dict(meta["text_encoder"])
+            size, prediction = int(meta["image_size"]), meta["prediction"]
+        except KeyError as e:
+            raise UserError(f"model file {path} lacks the {e.args[0]!r} entry in its inkwash metadata") from None
+        net = build_model(model_cfg)
+        _load_strict(net, strip_prefix(tensors, "model"), path, "network")
+        encoder = build_text_encoder(text_cfg)
+        if getattr(encoder, "trainable", False):
+            _load_strict(encoder, strip_prefix(tensors, "text_encoder"), path, "text encoder")
+        return cls(
+            net.eval(), model_cfg, process, prediction, encoder.eval(), size, int(meta.get("channels", 3)),
+            Sampling.from_dict(meta.get("sampling", {})), path.stem, meta,
+        ).to(device)  # fmt: skip
+
+    @classmethod
+    def from_preset(cls, name: str, text_encoder: str = "minilm", size: int = 32) -> Pipeline:
+        """An untrained model of a named architecture (for benchmarks and `inkwash info`)."""
+        encoder = build_text_encoder(text_encoder)
+        cfg = get_preset(name)
+        changes = {k: v for k, v in (("context_dim", encoder.dim), ("y_dim", encoder.pooled_dim)) if getattr(cfg, k, 0)}
+        cfg = dataclasses.replace(cfg, **changes)
+        return cls(
+            build_model(cfg).eval(), cfg, process_from_dict({"kind": "vp"}), "eps", encoder.eval(), size, name=name
+        )
+
+    def to(self, device: str | torch.device) -> Pipeline:
+        self.device = torch.device(device)
+        self.net.to(self.device)
+        self.encoder.to(self.device)
+        return self
+
+    # --- sampling -------------------------------------------------------------------------------
+
+    @property
+    def size_multiple(self) -> int:
+        return 2 ** (len(getattr(self.model_cfg, "channel_mult", (1,))) - 1)
+
+    def check_size(self, size: int) -> int:
+        m = self.size_multiple
+        if not isinstance(size, int) or size < m or size % m or size > 2048:
+            raise UserError(f"size {size} is not one this model can take: use a multiple of {m} up to 2048 "
+                            f"(it was trained at {self.image_size})")  # fmt: skip
+        return size
+
+    def settings(self, **overrides) -> Sampling:
+        """The model's sampling defaults with the given (non-None) overrides, validated."""
+        s = dataclasses.replace(self.sampling, **{k: v for k, v in overrides.items() if v is not None})
+        get_sampler(s.sampler)
+        if not isinstance(s.steps, int) or s.steps <= 0:
+            raise UserError(f"steps must be a positive whole number, got {s.steps}")
+        make_times(self.process, s.steps, s.schedule)  # validates the schedule for this process
+        if s.guidance < 0:
+            raise UserError(f"guidance must be >= 0, got {s.guidance}")
+        return s
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: str | list[str],
+        *,
+        negative_prompt: str = "",
+        n: int = 1,
+        seed: int = 0,
+        size: int | None = None,
+        callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
+        **overrides,
+    ) -> torch.Tensor:
+        """Images [N, 3, H, W] in [-1, 1]. Image i starts from noise seeded `seed + i` (on the CPU)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or any(not p.strip() for p in prompts):
+            raise UserError('the prompt is empty; say what to draw, e.g. "a red circle"')
+        if any(len(p) > MAX_PROMPT_CHARS for p in prompts) or len(negative_prompt) > MAX_PROMPT_CHARS:
+            raise UserError(f"the prompt is longer than {MAX_PROMPT_CHARS} characters")
+        if n < 1:
+            raise UserError(f"n must be at least 1, got {n}")
+        s = self.settings(**overrides)
+        size = self.check_size(self.image_size if size is None else size)
+        prompts = [p for p in prompts for _ in range(n)]
+        b = len(prompts)
+        cond = text_cond(self.encoder(prompts), self.model_cfg)
+        uncond = text_cond(self.encoder([negative_prompt] * b), self.model_cfg) if s.guidance != 1 else None
+        model = Guided(Denoiser(self.net, self.process, self.prediction), cond, uncond, s.guidance, s.rescale)
+        times = make_times(self.process, s.steps, s.schedule)
+        x = torch.cat(
+            [
+                self.process.init_noise(
+                    (1, self.channels, size, size), torch.Generator().manual_seed(seed + i), times[0]
+                )
+                for i in range(b)
+            ]
+        )
+        gen = torch.Generator().manual_seed(seed)
+        out = SAMPLERS[s.sampler](
+            model, x.to(self.device), times, process=self.process, generator=gen, callback=callback
+        )
+        return out.clamp(-1, 1)
+
+    def __call__(self, prompt: str | list[str], *, negative_prompt: str = "", n: int = 1, seed: int = 0,
+                 size: int | None = None, callback=None, **overrides) -> list[Image.Image]:  # fmt: skip
+        """PIL images carrying A1111-style `parameters` text."""
+        x = self.generate(prompt, negative_prompt=negative_prompt, n=n, seed=seed, size=size, callback=callback,
+                          **overrides)  # fmt: skip
+        s, size = self.settings(**overrides), x.shape[-1]
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        images = to_pil(x)
+        for i, img in enumerate(images):
+            img.info["parameters"] = png_parameters(prompts[i // n], negative_prompt, s, seed + i, size, self.name)
+        return images
+
+    # --- facts ----------------------------------------------------------------------------------
+
+    def info(self) -> dict:
+        from .models.flops import count_flops
+
+        size = self.image_size
+        x = torch.zeros(1, self.channels, size, size, device="meta")
+        t = torch.zeros(1, device="meta")
+        kw = {}
+        if getattr(self.model_cfg, "context_dim", 0):
+            kw["context"] = torch.zeros(1, 8, self.model_cfg.context_dim, device="meta")
+        if getattr(self.model_cfg, "y_dim", 0):
+            kw["y"] = torch.zeros(1, self.model_cfg.y_dim, device="meta")
+        meta_net = build_model_on_meta(self.model_cfg)
+        return {
+            "name": self.name,
+            "model": config_to_dict(self.model_cfg),
+            "parameters": sum(p.numel() for p in self.net.parameters()),
+            "text_encoder": type(self.encoder).__name__,
+            "process": self.process.to_dict(),
+            "prediction": self.prediction,
+            "image_size": size,
+            "sampling": dataclasses.asdict(self.sampling),
+            "macs_per_step": count_flops(meta_net, {"x": x, "t": t, **kw}),
+        }
+
+
+def build_model_on_meta(cfg) -> torch.nn.Module:
+    with torch.device("meta"):
+        return build_model(cfg)
+
+
+def _load_strict(module: torch.nn.Module, sd: dict, path: Path, what: str) -> None:
+    missing, unexpected = module.state_dict().keys() - sd.keys(), sd.keys() - module.state_dict().keys()
+    if missing or unexpected:
+        raise UserError(f"model file {path} does not match its {what} config "
+                        f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")  # fmt: skip
+    try:
+        module.load_state_dict(sd)
+    except RuntimeError as e:
+        raise UserError(f"model file {path} has {what} weights of the wrong shape: {str(e).splitlines()[-1]}") from None
+
+
+def load(path_or_preset: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> Pipeline:
+    """`inkwash.load()`: the bundled model; a path: an inkwash model file; a preset name: untrained weights."""
+    if path_or_preset is None:
+        return Pipeline.from_file(default_model_path(), device)
+    p = Path(path_or_preset)
+    if p.exists() or p.suffix == ".safetensors" or os.sep in str(path_or_preset):
+        return Pipeline.from_file(p, device)
+    return Pipeline.from_preset(str(path_or_preset)).to(device)
