@@ -60,7 +60,7 @@ class TrainConfig:
     model: str | dict = "unet-tiny"  # preset name, or a config dict as written by config_to_dict
     process: str | dict = "vp"  # process kind ("vp", "flow", "edm") or a dict as written by to_dict
     prediction: str = "eps"  # eps | v | x0 | flow
-    text_encoder: str | dict = "small"  # encoder name or a TextEncoderConfig dict
+    text_encoder: str | dict = "minilm"  # encoder name or a TextEncoderConfig dict
     dataset: str = "shapes"  # "shapes" or a folder path
     image_size: int = 32
     batch_size: int = 4  # images per forward pass on one process
