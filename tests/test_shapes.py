@@ -6,6 +6,8 @@ import re
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from inkwash.data.shapes import (
     BACKGROUNDS,
@@ -156,3 +158,18 @@ def test_dataloader_and_len():
     loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=ShapesDataset.collate)
     batch = next(iter(loader))
     assert batch["image"].shape == (4, 3, 32, 32) and len(batch["caption"]) == len(batch["scene"]) == 4
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**32),
+    index=st.integers(0, 2**62),
+    size=st.sampled_from([32, 33, 48, 97, 200, 256]),
+    canonical=st.booleans(),
+)
+def test_any_seed_index_and_size(seed, index, size, canonical):
+    ds = ShapesDataset(size, seed=seed, canonical_only=canonical)
+    item, again = ds[index], ds[index]
+    assert torch.equal(item["image"], again["image"]) and item["caption"] == again["caption"]
+    assert item["scene"] == again["scene"] == ds.scene(index)[0]
+    check_caption_true(ds, item["caption"], item["scene"], ds.render(item["scene"]))

@@ -323,12 +323,14 @@ def sample_scene(size: int, seed: int, index: int, canonical_only: bool = False)
     return _SceneSampler(size, rng, canonical_only).sample()
 
 
-@lru_cache(maxsize=4096)
-def _stamp(shape: str, r: int, colour: str) -> tuple[np.ndarray, np.ndarray]:
-    """(1 - coverage) [1, n, n] and coverage * colour [3, n, n]: painting is two in-place ops."""
+@lru_cache(maxsize=1024)
+def _stamp(shape: str, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """(1 - coverage, coverage), each [1, n, n]: painting is `region = region * keep + coverage * rgb`."""
     m = shape_mask(shape, r)[None, :, :, 0]
-    rgb = np.asarray(COLOURS[colour], np.float32)[:, None, None]
-    return 1.0 - m, m * rgb
+    return 1.0 - m, np.ascontiguousarray(m)
+
+
+_RGB = {c: np.asarray(rgb, np.float32)[:, None, None] for c, rgb in COLOURS.items()}
 
 
 def paint(canvas: np.ndarray, scene: dict) -> None:
@@ -336,10 +338,10 @@ def paint(canvas: np.ndarray, scene: dict) -> None:
     canvas[:] = np.asarray(BACKGROUNDS[scene["background"]], np.float32)[:, None, None]
     for o in scene["objects"]:
         x, y, r = *o["centre"], o["half_extent"]
-        keep, add = _stamp(o["shape"], r, o["colour"])
+        keep, cover = _stamp(o["shape"], r)
         region = canvas[:, y - r : y + r + 1, x - r : x + r + 1]
         region *= keep
-        region += add  # exactly the object colour where coverage is 1
+        region += cover * _RGB[o["colour"]]  # exactly the object colour where coverage is 1
 
 
 # ---------------------------------------------------------------------------------------------- dataset
