@@ -95,9 +95,7 @@ class SmallTextEncoder(TextEncoder):
 
     trainable = True
 
-    def __init__(
-        self, dim: int = 256, layers: int = 4, heads: int = 4, max_length: int = 64, truncate: bool = True
-    ):
+    def __init__(self, dim: int = 256, layers: int = 4, heads: int = 4, max_length: int = 64, truncate: bool = True):
         super().__init__()
         if dim % heads:
             raise UserError(f"Small text encoder: dim {dim} must be divisible by heads {heads}.")
@@ -119,11 +117,7 @@ class SmallTextEncoder(TextEncoder):
         nn.init.normal_(self.pos, std=0.02)
         for name, p in self.blocks.named_parameters():
             if p.dim() == 2:
-                std = (
-                    0.02 / (2 * len(self.blocks)) ** 0.5
-                    if name.endswith(("proj.weight", "2.weight"))
-                    else 0.02
-                )
+                std = 0.02 / (2 * len(self.blocks)) ** 0.5 if name.endswith(("proj.weight", "2.weight")) else 0.02
                 nn.init.normal_(p, std=std)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
