@@ -22,7 +22,6 @@ import torch.multiprocessing as mp
 
 from inkwash.formats.checkpoint import load_state
 from inkwash.models.registry import config_to_dict, get_preset
-from inkwash.train import trainer as T
 from inkwash.train.trainer import TrainConfig, train
 
 TINY_NET = {**config_to_dict(get_preset("unet-tiny")), "model_channels": 16, "num_heads": 2}
@@ -47,21 +46,11 @@ def _config(out: str, grad_accum: int) -> TrainConfig:
     )
 
 
-def _use_shapes_if_needed() -> None:
-    import inkwash.data
-
-    if not hasattr(inkwash.data, "build_dataset"):
-        from inkwash.data.shapes import ShapesDataset
-
-        T.build_dataset = lambda spec, size, seed: ShapesDataset(size, seed)
-
-
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
     torch.set_num_threads(1)
-    _use_shapes_if_needed()
     train(_config(out, grad_accum=1))
 
 
@@ -85,7 +74,6 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _use_shapes_if_needed()
         train(_config(str(single_dir), grad_accum=2))
     finally:
         torch.set_num_threads(before)

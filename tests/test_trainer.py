@@ -28,17 +28,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(autouse=True)
-def shapes_data(monkeypatch):
-    """Use inkwash.data.build_dataset when it exists, else the Shapes dataset directly."""
-    import inkwash.data
-
-    if not hasattr(inkwash.data, "build_dataset"):
-        from inkwash.data.shapes import ShapesDataset
-
-        monkeypatch.setattr(T, "build_dataset", lambda spec, size, seed: ShapesDataset(size, seed))
-
-
 def tiny(tmp_path, **kw) -> TrainConfig:
     args = dict(
         model=TINY_NET,
