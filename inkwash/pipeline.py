@@ -183,10 +183,11 @@ class Pipeline:
         callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
         **overrides,
     ) -> torch.Tensor:
-        """Images [N, 3, H, W] in [-1, 1]. Image i starts from noise seeded `seed + i` (on the CPU)."""
+        """Images [N, 3, H, W] in [-1, 1]; "" is the unconditional prompt. Image i starts from noise seeded
+        `seed + i` on the CPU, so it does not depend on the device or on the rest of the batch."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or any(not p.strip() for p in prompts):
-            raise UserError('the prompt is empty; say what to draw, e.g. "a red circle"')
+        if not prompts:
+            raise UserError("no prompts given")
         if any(len(p) > MAX_PROMPT_CHARS for p in prompts) or len(negative_prompt) > MAX_PROMPT_CHARS:
             raise UserError(f"the prompt is longer than {MAX_PROMPT_CHARS} characters")
         if n < 1:
@@ -216,6 +217,8 @@ class Pipeline:
     def __call__(self, prompt: str | list[str], *, negative_prompt: str = "", n: int = 1, seed: int = 0,
                  size: int | None = None, callback=None, **overrides) -> list[Image.Image]:  # fmt: skip
         """PIL images carrying A1111-style `parameters` text."""
+        if any(not p.strip() for p in ([prompt] if isinstance(prompt, str) else prompt)):
+            raise UserError('the prompt is empty; say what to draw, e.g. "a red circle"')
         x = self.generate(prompt, negative_prompt=negative_prompt, n=n, seed=seed, size=size, callback=callback,
                           **overrides)  # fmt: skip
         s, size = self.settings(**overrides), x.shape[-1]

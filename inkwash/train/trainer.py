@@ -39,7 +39,8 @@ from inkwash.formats.checkpoint import (
     save_state,
     unflatten_optimizer_state,
 )
-from inkwash.text import CachedTextEncoder, TextEmbedding, TextEncoder, TextEncoderConfig, build_text_encoder
+from inkwash.pipeline import Pipeline, Sampling, text_cond
+from inkwash.text import CachedTextEncoder, TextEncoder, TextEncoderConfig, build_text_encoder
 from inkwash.train.ema import EMA
 
 MODEL_FILE = "model.safetensors"
@@ -219,18 +220,6 @@ def _model_config(cfg: TrainConfig, encoder: TextEncoder):
     return mcfg
 
 
-def make_cond(emb: TextEmbedding | None, mcfg) -> dict[str, torch.Tensor]:
-    """Network keyword arguments from a text embedding, for the inputs the network config has."""
-    if emb is None:
-        return {}
-    cond = {}
-    if getattr(mcfg, "context_dim", 1):
-        cond["context"], cond["context_mask"] = emb.tokens, emb.mask
-    if getattr(mcfg, "y_dim", 0):
-        cond["y"] = emb.pooled
-    return cond
-
-
 # ---------------------------------------------------------------------------- distributed
 
 
@@ -366,7 +355,7 @@ class Trainer:
         images, captions = self._chunk(k)
         # Frozen encoders run outside autocast so their cached embeddings stay float32.
         with self.autocast() if self.trainable_text else nullcontext():
-            cond = make_cond(self.ddp_encoder(captions), self.model_cfg)
+            cond = text_cond(self.ddp_encoder(captions), self.model_cfg)
         with self.autocast():
             loss, t = diffusion_loss(
                 self.denoiser,
@@ -544,41 +533,14 @@ class Trainer:
         net.eval()
         self.encoder.eval()
         try:
-            images = render_samples(
-                Denoiser(net, self.process, self.cfg.prediction),
-                self.encoder,
-                self.model_cfg,
-                list(self.cfg.sample_prompts),
-                self.cfg.image_size,
-                self.cfg.sampling,
-                seed=self.cfg.seed,
-                device=self.device,
-            )
+            pipe = Pipeline(net, self.model_cfg, self.process, self.cfg.prediction, self.encoder, self.cfg.image_size,
+                            sampling=Sampling.from_dict(self.cfg.sampling), device=self.device)  # fmt: skip
+            images = pipe.generate(list(self.cfg.sample_prompts), seed=self.cfg.seed)
         finally:
             net.train(was_training[0])
             self.encoder.train(was_training[1])
         save_grid(images, path)
         return path
-
-
-def render_samples(denoiser, encoder, model_cfg, prompts, size, sampling, *, seed, device) -> torch.Tensor:
-    """Images [N, 3, H, W] in [-1, 1] for `prompts`, with classifier-free guidance from "" prompts."""
-    from inkwash.sampling import Guided, sample
-
-    cond = make_cond(encoder(prompts), model_cfg)
-    uncond = make_cond(encoder([""] * len(prompts)), model_cfg)
-    model = Guided(denoiser, cond, uncond, scale=float(sampling.get("guidance", 1.0)))
-    x = sample(
-        model,
-        (len(prompts), 3, size, size),
-        process=denoiser.process,
-        steps=int(sampling.get("steps", 20)),
-        sampler=sampling.get("sampler", "euler"),
-        schedule=sampling.get("schedule"),
-        generator=torch.Generator().manual_seed(seed),
-        device=device,
-    )
-    return x.clamp(-1, 1)
 
 
 def save_grid(images: torch.Tensor, path: Path, cols: int | None = None) -> None:
