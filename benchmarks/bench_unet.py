@@ -1,12 +1,13 @@
 """Benchmark: inkwash UNet vs diffusers UNet2DConditionModel, same config and weights, on this machine.
 
 Prints images/s for an AdamW training step (fwd+bwd) and seconds for 20-step DDIM sampling, with ratios.
-Usage: python benchmarks/bench_unet.py [--preset unet-s] [--batch 8] [--size 32] [--rounds 3]
+Usage: python benchmarks/bench_unet.py [--preset unet-s] [--batch 8] [--size 32] [--rounds 3] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -23,7 +24,8 @@ def build_pair(preset: str, seed: int = 0):
     theirs = UNet2DConditionModel(**unet_config_to_diffusers(get_preset(preset)))
     for p in theirs.parameters():  # diffusers zero-inits nothing we care about; make every path non-trivial
         torch.nn.init.normal_(p, std=0.02)
-    ours = unet_from_diffusers(dict(theirs.config), theirs.state_dict())
+    sd = {k: v.clone() for k, v in theirs.state_dict().items()}  # no shared storage: both get trained
+    ours = unet_from_diffusers(dict(theirs.config), sd)
     return ours, theirs
 
 
@@ -42,28 +44,32 @@ def call(model, x, t, context, mask):
     return model(x, t, encoder_hidden_states=context, encoder_attention_mask=mask).sample
 
 
-def train_rate(model, batch, steps: int) -> float:
-    """Images/s over `steps` AdamW steps (eps-MSE against random targets), after one warm-up step."""
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+def train_step_times(models, batch, steps: int) -> list[list[float]]:
+    """Seconds per AdamW step (eps-MSE against a fixed random target) for each model, alternating models
+    step by step so background load on a shared machine hits both alike; the first step is a warm-up."""
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-4) for m in models]
     target = torch.randn_like(batch[0])
+    times = [[] for _ in models]
     for i in range(steps + 1):
-        if i == 1:
+        for m, opt, ts in zip(models, opts, times):
+            m.train()
             start = time.perf_counter()
-        loss = torch.nn.functional.mse_loss(call(model, *batch), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return steps * batch[0].shape[0] / (time.perf_counter() - start)
+            loss = torch.nn.functional.mse_loss(call(m, *batch), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if i:
+                ts.append(time.perf_counter() - start)
+    return times
 
 
 @torch.no_grad()
 def sample_time(model, batch, steps: int = 20) -> float:
-    """Seconds for a 20-step deterministic DDIM loop (diffusers side drives its DDIMScheduler)."""
+    """Seconds for a 20-step deterministic DDIM loop (diffusers side drives its DDIMScheduler; same math)."""
     from diffusers import DDIMScheduler
 
     model.eval()
-    sched = DDIMScheduler(beta_schedule="scaled_linear")
+    sched = DDIMScheduler(beta_schedule="scaled_linear", clip_sample=True)  # pixel space: x0 in [-1, 1]
     sched.set_timesteps(steps)
     abar = sched.alphas_cumprod.double()
     x, _, context, mask = batch
@@ -73,7 +79,7 @@ def sample_time(model, batch, steps: int = 20) -> float:
         for t, t_next in zip(times[:-1], times[1:]):
             a, a_next = abar[t], (abar[t_next] if t_next is not None else torch.tensor(1.0, dtype=torch.float64))
             eps = model(x, torch.full((x.shape[0],), float(t)), context=context, context_mask=mask)
-            x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+            x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
             x = (a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps).float()
     else:
         for t in sched.timesteps:
@@ -89,22 +95,19 @@ def main(args: argparse.Namespace) -> None:
     n_params = sum(p.numel() for p in ours.parameters())
     print(
         f"preset {args.preset} ({n_params / 1e6:.2f}M params), batch {args.batch} x {args.size}px, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}; "
+        f"median train step, best of {args.rounds} samplings"
     )
-    rows = {"train (img/s, higher is better)": [], "sample 20 steps (s, lower is better)": []}
-    best = {k: [0.0, 0.0] if "train" in k else [float("inf")] * 2 for k in rows}
-    for _ in range(args.rounds):  # interleave the two models so background load hits both alike
-        for j, m in enumerate((ours, theirs)):
-            best["train (img/s, higher is better)"][j] = max(
-                best["train (img/s, higher is better)"][j], train_rate(m, batch, args.train_steps)
-            )
-            best["sample 20 steps (s, lower is better)"][j] = min(
-                best["sample 20 steps (s, lower is better)"][j], sample_time(m, batch)
-            )
+    step_times = train_step_times((ours, theirs), batch, args.train_steps)
+    train = [args.batch / statistics.median(ts) for ts in step_times]
+    sample = [sample_time(m, batch) for m in (ours, theirs)]
+    for _ in range(args.rounds - 1):  # alternate the models, keep each one's best
+        sample = [min(s, sample_time(m, batch)) for s, m in zip(sample, (ours, theirs))]
     print(f"{'metric':<38}{'inkwash':>10}{'diffusers':>11}{'speed-up':>10}")
-    for k, (a, b) in best.items():
-        speedup = a / b if "train" in k else b / a
-        print(f"{k:<38}{a:>10.2f}{b:>11.2f}{speedup:>9.2f}x")
+    rows = [("train step (img/s, higher is better)", *train, train[0] / train[1])]
+    rows += [("sample 20 steps (s, lower is better)", *sample, sample[1] / sample[0])]
+    for name, a, b, speedup in rows:
+        print(f"{name:<38}{a:>10.2f}{b:>11.2f}{speedup:>9.2f}x")
 
 
 if __name__ == "__main__":
@@ -113,6 +116,6 @@ if __name__ == "__main__":
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--train-steps", type=int, default=4)
+    p.add_argument("--train-steps", type=int, default=6)
     p.add_argument("--threads", type=int, default=0)
     main(p.parse_args())

@@ -168,7 +168,10 @@ def unet_state_dict_from_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, 
 
 
 def unet_from_diffusers(config: Mapping, sd: Mapping[str, torch.Tensor]) -> UNet:
-    """Build an inkwash UNet from a diffusers config and state dict; every key on both sides must match."""
+    """Build an inkwash UNet from a diffusers config and state dict; every key on both sides must match.
+
+    Unfused tensors are assigned, not copied: the model shares their storage with `sd`.
+    """
     cfg = unet_config_from_diffusers(config)
     with torch.device("meta"):
         model = UNet(cfg)

@@ -186,5 +186,5 @@ class SpatialTransformer(nn.Module):
         h = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C))  # [B, HW, C]
         for block in self.blocks:
             h = block(h, context, mask)
-        h = self.proj_out(h).view(B, H, W, C).permute(0, 3, 1, 2)  # [B, C, H, W] (channels-last strides)
+        h = self.proj_out(h).transpose(1, 2).reshape(B, C, H, W)  # [B, C, H, W]
         return x + h
