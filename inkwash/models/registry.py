@@ -84,6 +84,13 @@ register(
     ),
 )  # fmt: skip
 register(
+    "unet-xs",  # the bundled Shapes model: 32 px, ~4.7M params, about 38 training images/s on a 2-core CPU
+    UNetConfig(
+        in_channels=3, out_channels=3, model_channels=32, channel_mult=(1, 2, 4), num_res_blocks=1,
+        attention_levels=(1, 2), num_heads=4, context_dim=384, y_dim=384, norm_groups=16,
+    ),
+)  # fmt: skip
+register(
     "unet-s",  # small text-conditioned pixel model for 32-64 px
     UNetConfig(
         in_channels=3, out_channels=3, model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2,
