@@ -50,7 +50,7 @@ class MiniLMEncoder(TextEncoder):
         if not (path / "config.json").is_file():
             raise UserError(f"No MiniLM model found at {path} (config.json missing).")
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        self.model = AutoModel.from_pretrained(str(path), local_files_only=True)
+        self.model = _quiet(lambda: AutoModel.from_pretrained(str(path), local_files_only=True))
         self.model.requires_grad_(False)
         self.model.eval()
         self.dim = self.pooled_dim = self.model.config.hidden_size
@@ -87,3 +87,16 @@ class MiniLMEncoder(TextEncoder):
         mask = enc["attention_mask"].bool()  # [B, L]
         tokens = hidden * mask.unsqueeze(-1)
         return TextEmbedding(tokens, mask, mean_pool(hidden, mask))
+
+
+def _quiet(load):
+    """Run a transformers load without its progress bar on stderr (restored afterwards)."""
+    from transformers.utils import logging
+
+    was = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        return load()
+    finally:
+        if was:
+            logging.enable_progress_bar()
