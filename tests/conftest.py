@@ -1,0 +1,38 @@
+"""Shared fixtures; `gpu`-marked tests skip cleanly where CUDA is absent."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from inkwash.diffusion import VP
+from inkwash.formats.checkpoint import save_model
+from inkwash.models.registry import build_model, config_to_dict, get_preset
+from inkwash.text import TextEncoderConfig, build_text_encoder
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def model_file(tmp_path_factory):
+    """A tiny untrained text-to-image model file, written as the trainer writes them."""
+    torch.manual_seed(0)
+    text_cfg = TextEncoderConfig(name="small", dim=32, layers=1, heads=2)
+    encoder = build_text_encoder(text_cfg)
+    cfg = dataclasses.replace(get_preset("unet-tiny"), context_dim=encoder.dim)
+    net = build_model(cfg)
+    meta = {
+        "model": config_to_dict(cfg), "process": VP().to_dict(), "prediction": "eps",
+        "text_encoder": text_cfg.to_dict(), "image_size": 16, "channels": 3,
+        "sampling": {"sampler": "euler", "steps": 3, "guidance": 2.0, "schedule": None}, "train_args": {},
+    }  # fmt: skip
+    path = tmp_path_factory.mktemp("m") / "tiny.safetensors"
+    save_model(path, {"model": net.state_dict(), "text_encoder": encoder.state_dict()}, meta)
+    return path
