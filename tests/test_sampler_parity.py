@@ -82,9 +82,7 @@ def assert_close(ours, theirs):
 
 
 def sd_config(**kw):
-    return dict(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", **kw
-    )
+    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", **kw)
 
 
 PRED = {"eps": "epsilon", "v": "v_prediction"}
@@ -140,9 +138,7 @@ def test_euler_ancestral(prediction):
     x = z0() * sched.init_noise_sigma
     theirs = run_diffusers(sched, x, ve_to_vp(sched), VP(), prediction)
     x_ours = x / math.sqrt(1 + float(sched.sigmas[0]) ** 2)
-    assert_close(
-        run_ours("euler_ancestral", VP(), prediction, x_ours, make_times(VP(), 12, "trailing")), theirs
-    )
+    assert_close(run_ours("euler_ancestral", VP(), prediction, x_ours, make_times(VP(), 12, "trailing")), theirs)
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])

@@ -20,7 +20,9 @@ class TextEmbedding:
         return self.tokens.shape[0]
 
     def to(self, device=None, dtype=None) -> TextEmbedding:
-        return TextEmbedding(self.tokens.to(device=device, dtype=dtype), self.mask.to(device), self.pooled.to(device=device, dtype=dtype))
+        return TextEmbedding(
+            self.tokens.to(device=device, dtype=dtype), self.mask.to(device), self.pooled.to(device=device, dtype=dtype)
+        )
 
     @staticmethod
     def cat(items: list[TextEmbedding]) -> TextEmbedding:
