@@ -181,7 +181,7 @@ def test_bad_options_are_user_errors(tmp_path, bad):
 
 
 def test_unknown_option_is_a_user_error():
-    with pytest.raises(UserError, match="Unknown training options"):
+    with pytest.raises(UserError, match="unknown training options"):
         TrainConfig.from_dict({"learning_rate": 1.0})
     assert TrainConfig.from_dict(TrainConfig().to_dict()) == TrainConfig()
 

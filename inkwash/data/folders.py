@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from inkwash.data.base import collate
 from inkwash.errors import UserError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -107,11 +108,4 @@ class ImageFolderDataset:
         images = torch.stack([self._tensor(i) for i in indices])
         return images, [self.captions[i] for i in indices], [None] * len(indices)
 
-    @staticmethod
-    def collate(items: list[dict]) -> dict:
-        """DataLoader collate_fn: stacks images, keeps captions and scenes as lists."""
-        return {
-            "image": torch.stack([it["image"] for it in items]),
-            "caption": [it["caption"] for it in items],
-            "scene": [it["scene"] for it in items],
-        }
+    collate = staticmethod(collate)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from inkwash.data.base import collate
 from inkwash.errors import UserError
 
 MIN_SIZE, MAX_SIZE = 32, 256
@@ -400,11 +401,4 @@ class ShapesDataset:
         paint(canvas, scene)
         return np.rint(canvas).astype(np.uint8).transpose(1, 2, 0).copy()
 
-    @staticmethod
-    def collate(items: list[dict]) -> dict:
-        """DataLoader collate_fn: stacks images, keeps captions and scenes as lists."""
-        return {
-            "image": torch.stack([it["image"] for it in items]),
-            "caption": [it["caption"] for it in items],
-            "scene": [it["scene"] for it in items],
-        }
+    collate = staticmethod(collate)

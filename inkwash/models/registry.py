@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from inkwash.config import dataclass_from_dict
 from inkwash.errors import UserError
 from inkwash.models.unet import UNet, UNetConfig
 
@@ -65,14 +66,7 @@ def config_from_dict(d: dict) -> ModelConfig:
     arch = d.pop("arch", None)
     if arch not in ARCHS:
         raise UserError(f"unknown model arch {arch!r}; known: {sorted(ARCHS)}")
-    config_type = ARCHS[arch][0]
-    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(config_type)})
-    if unknown:
-        raise UserError(f"unknown {arch} config fields: {', '.join(unknown)}")
-    try:
-        return config_type(**d)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"invalid {arch} config: {e}") from e
+    return dataclass_from_dict(ARCHS[arch][0], d, f"{arch} config")
 
 
 # Pixel-space presets take 3 channels; context_dim 384 matches the default MiniLM text encoder.

@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from inkwash.config import dataclass_from_dict
 from inkwash.errors import UserError
 from inkwash.text.base import TextEmbedding, TextEncoder
 from inkwash.text.cache import CachedTextEncoder
@@ -45,11 +46,7 @@ class TextEncoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TextEncoderConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserError(f"Unknown text encoder config keys {unknown}; valid keys are {sorted(known)}.")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "text encoder")
 
 
 def build_text_encoder(cfg: TextEncoderConfig | str) -> TextEncoder:

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from inkwash.config import dataclass_from_dict
 from inkwash.diffusion import Denoiser, TimeSampler, diffusion_loss, process_from_dict
 from inkwash.errors import UserError
 from inkwash.formats.checkpoint import (
@@ -116,11 +117,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserError(f"Unknown training options {unknown}; valid ones are {sorted(known)}.")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "training")
 
 
 class TrainingDiverged(UserError):
