@@ -62,6 +62,12 @@ def text_cond(emb, model_cfg) -> dict[str, torch.Tensor]:
     return cond
 
 
+def fit_to_encoder(model_cfg, encoder: TextEncoder):
+    """The network config with its cross-attention and pooled-vector widths set to the encoder's."""
+    widths = (("context_dim", encoder.dim), ("y_dim", encoder.pooled_dim))
+    return dataclasses.replace(model_cfg, **{k: v for k, v in widths if getattr(model_cfg, k, 0)})
+
+
 def png_parameters(prompt: str, negative: str, s: Sampling, seed: int, size: int, model: str) -> str:
     """A1111-style `parameters` text, so settings can be read back from the PNG."""
     neg = f"\nNegative prompt: {negative}" if negative else ""
@@ -134,9 +140,7 @@ class Pipeline:
     def from_preset(cls, name: str, text_encoder: str = "minilm", size: int = 32) -> Pipeline:
         """An untrained model of a named architecture (for benchmarks and `inkwash info`)."""
         encoder = build_text_encoder(text_encoder)
-        cfg = get_preset(name)
-        changes = {k: v for k, v in (("context_dim", encoder.dim), ("y_dim", encoder.pooled_dim)) if getattr(cfg, k, 0)}
-        cfg = dataclasses.replace(cfg, **changes)
+        cfg = fit_to_encoder(get_preset(name), encoder)
         return cls(
             build_model(cfg).eval(), cfg, process_from_dict({"kind": "vp"}), "eps", encoder.eval(), size, name=name
         )

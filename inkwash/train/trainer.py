@@ -14,7 +14,6 @@ how chunks are spread over processes or accumulation steps, and resume needs no 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -40,7 +39,7 @@ from inkwash.formats.checkpoint import (
     save_state,
     unflatten_optimizer_state,
 )
-from inkwash.pipeline import Pipeline, Sampling, text_cond
+from inkwash.pipeline import Pipeline, Sampling, fit_to_encoder, text_cond
 from inkwash.text import CachedTextEncoder, TextEncoder, TextEncoderConfig, build_text_encoder
 from inkwash.train.ema import EMA
 
@@ -201,13 +200,7 @@ def _model_config(cfg: TrainConfig, encoder: TextEncoder):
     from inkwash.models.registry import config_from_dict, get_preset
 
     mcfg = get_preset(cfg.model) if isinstance(cfg.model, str) else config_from_dict(dict(cfg.model))
-    names = {f.name for f in dataclasses.fields(mcfg)}
-    changes = {}
-    if getattr(mcfg, "context_dim", 0):
-        changes["context_dim"] = encoder.dim
-    if getattr(mcfg, "y_dim", 0):
-        changes["y_dim"] = encoder.pooled_dim
-    mcfg = dataclasses.replace(mcfg, **{k: v for k, v in changes.items() if k in names})
+    mcfg = fit_to_encoder(mcfg, encoder)
     channels = getattr(mcfg, "in_channels", 3)
     if channels != 3:
         raise UserError(
