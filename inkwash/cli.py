@@ -1,4 +1,4 @@
-"""`inkwash generate | train | info`: thin entry points that build objects and call the library.
+"""`inkwash generate | train | eval | leaderboard | info`: thin entry points that build objects and call the library.
 
 A user mistake (UserError) is printed as one sentence on stderr with exit code 2, never a traceback.
 """
@@ -64,6 +64,45 @@ def _train(args) -> None:
     print(path)
 
 
+def _eval(args) -> None:
+    from .eval.runner import EvalConfig, evaluate
+    from .eval.shapeseval import TASKS
+    from .pipeline import load
+
+    pipe = load(args.model)
+    cfg = EvalConfig(
+        sampler=args.sampler, steps=args.steps, guidance=args.guidance, schedule=args.schedule,
+        per_prompt=args.per_prompt, tasks=tuple(args.tasks or TASKS), seed=args.seed, limit=args.limit,
+        batch_size=args.batch_size, fid_images=args.fid, features=args.features,
+    )  # fmt: skip
+    s = pipe.settings(sampler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance, schedule=cfg.schedule)
+    out = Path(args.output or f"evals/{pipe.name}-{s.sampler}-{s.steps}-g{s.guidance:g}")
+    result = evaluate(pipe, out, cfg)
+    sc, t = result["scores"], result["timing"]
+    for name, v in sc.items():
+        print(f"{name:14} {100 * v['mean']:5.1f}  ({100 * v['lo']:.1f}-{100 * v['hi']:.1f})")
+    fid = result["fid"]
+    if fid:
+        print(f"{'FID':14} {fid['fid']:.2f}   KID {fid['kid']:.4f} ({fid['features']} features)")
+    print(f"{t['seconds_per_image']:.3f} s/image over {t['images']} images")
+    print(out / "result.json")
+    print(out / "report.html")
+
+
+def _leaderboard(args) -> None:
+    from .eval.leaderboard import collect, format_table, sort_rows, write_leaderboard
+
+    paths = args.paths or ["evals"]
+    rows = collect(paths)
+    if not rows:
+        raise UserError(f"no evaluation results (result.json) under {', '.join(map(str, paths))}; run inkwash eval")
+    rows = sort_rows(rows, args.sort, descending=None if not args.ascending else False)
+    print(format_table(rows))
+    md, html = write_leaderboard(rows, Path(args.output or paths[0]))
+    print(md)
+    print(html)
+
+
 def _info(args) -> None:
     from .pipeline import load
 
@@ -71,6 +110,7 @@ def _info(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .eval.shapeseval import TASKS
     from .sampling import SAMPLERS, SCHEDULES
 
     p = argparse.ArgumentParser(prog="inkwash", description="Text-to-image diffusion: train, sample, measure.")
@@ -98,6 +138,29 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--resume", action="store_true", help="continue exactly from the run's last checkpoint")
     t.set_defaults(fn=_train)
+
+    e = sub.add_parser("eval", help="score a model on ShapesEval (GenEval-style) with FID/KID; resumable")
+    e.add_argument("model", nargs="?", default=None, help="an inkwash model file (default: the bundled model)")
+    e.add_argument("--steps", type=int, default=None)
+    e.add_argument("--sampler", default=None, help=f"one of: {', '.join(SAMPLERS)}")
+    e.add_argument("--schedule", default=None, help=f"one of: {', '.join(SCHEDULES)}")
+    e.add_argument("--guidance", type=float, default=None)
+    e.add_argument("--per-prompt", dest="per_prompt", type=int, default=4, help="images per prompt (default 4)")
+    e.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="some of: " + ", ".join(TASKS))
+    e.add_argument("--limit", type=int, default=None, help="only the first N prompts of each task")
+    e.add_argument("--fid", type=int, default=500, help="images for FID/KID (0: none; default 500)")
+    e.add_argument("--features", default="shapes", help="FID features: shapes, or inception:PATH (pytorch-fid's)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--batch-size", dest="batch_size", type=int, default=64)
+    e.add_argument("-o", "--output", default=None, help="run folder (default evals/MODEL-SAMPLER-STEPS-gGUIDANCE)")
+    e.set_defaults(fn=_eval)
+
+    lb = sub.add_parser("leaderboard", help="a table of every evaluated run, also written as markdown and HTML")
+    lb.add_argument("paths", nargs="*", help="folders to search for result.json (default: evals)")
+    lb.add_argument("--sort", default="overall", help="column to sort by (default overall)")
+    lb.add_argument("--ascending", action="store_true")
+    lb.add_argument("-o", "--output", default=None, help="folder for leaderboard.md/.html (default: the first path)")
+    lb.set_defaults(fn=_leaderboard)
 
     i = sub.add_parser("info", help="print a model's config, parameter count and MACs per step")
     i.add_argument("model", nargs="?", default=None)

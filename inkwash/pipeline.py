@@ -110,6 +110,7 @@ class Pipeline:
     name: str = "model"
     meta: dict = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    source: str = ""  # the file it was loaded from
 
     # --- construction ---------------------------------------------------------------------------
 
@@ -133,7 +134,7 @@ class Pipeline:
             _load_strict(encoder, strip_prefix(tensors, "text_encoder"), path, "text encoder")
         return cls(
             net.eval(), model_cfg, process, prediction, encoder.eval(), size, int(meta.get("channels", 3)),
-            Sampling.from_dict(meta.get("sampling", {})), path.stem, meta,
+            Sampling.from_dict(meta.get("sampling", {})), path.stem, meta, source=str(path),
         ).to(device)  # fmt: skip
 
     @classmethod
@@ -182,13 +183,14 @@ class Pipeline:
         *,
         negative_prompt: str = "",
         n: int = 1,
-        seed: int = 0,
+        seed: int | list[int] = 0,
         size: int | None = None,
         callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
         **overrides,
     ) -> torch.Tensor:
         """Images [N, 3, H, W] in [-1, 1]; "" is the unconditional prompt. Image i starts from noise seeded
-        `seed + i` on the CPU, so it does not depend on the device or on the rest of the batch."""
+        `seed + i` (or `seed[i]` for a list) on the CPU, so it does not depend on the device or on the rest of
+        the batch; stochastic samplers draw their later noise from one generator seeded by the first seed."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise UserError("no prompts given")
@@ -200,19 +202,20 @@ class Pipeline:
         size = self.check_size(self.image_size if size is None else size)
         prompts = [p for p in prompts for _ in range(n)]
         b = len(prompts)
+        seeds = [seed + i for i in range(b)] if isinstance(seed, int) else [int(s) for s in seed]
+        if len(seeds) != b:
+            raise UserError(f"{len(seeds)} seeds given for {b} images")
         cond = text_cond(self.encoder(prompts), self.model_cfg)
         uncond = text_cond(self.encoder([negative_prompt] * b), self.model_cfg) if s.guidance != 1 else None
         model = Guided(Denoiser(self.net, self.process, self.prediction), cond, uncond, s.guidance, s.rescale)
         times = make_times(self.process, s.steps, s.schedule)
         x = torch.cat(
             [
-                self.process.init_noise(
-                    (1, self.channels, size, size), torch.Generator().manual_seed(seed + i), times[0]
-                )
-                for i in range(b)
+                self.process.init_noise((1, self.channels, size, size), torch.Generator().manual_seed(s), times[0])
+                for s in seeds
             ]
         )
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(seeds[0])
         out = SAMPLERS[s.sampler](
             model, x.to(self.device), times, process=self.process, generator=gen, callback=callback
         )

@@ -3,7 +3,7 @@
 Owns finding `result.json` files (schema "inkwash-eval/1") under folders, flattening each into a row of
 COLUMNS, sorting rows by any column (missing values last), and formatting them: an aligned terminal table,
 a GitHub markdown table, and a self-contained HTML page whose table sorts by clicking a column header.
-Needs only the standard library; never loads a model.
+Never loads a model.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from inkwash.errors import UserError
+from inkwash.eval.shapeseval import GENEVAL_TASKS
 
 FORMATS = ("inkwash-eval/1",)  # result.json formats this module reads
 RESULT_NAME = "result.json"
-TASK_COLUMNS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+TASK_COLUMNS = GENEVAL_TASKS
 SCORE_COLUMNS = ("overall", *TASK_COLUMNS, "paraphrase")
 COLUMNS = ("run", "model", "sampler", "steps", "guidance", *SCORE_COLUMNS, "fid", "kid", "s_per_image", "date")
 TEXT_COLUMNS = ("run", "model", "sampler", "date")

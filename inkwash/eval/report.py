@@ -15,8 +15,9 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-GENEVAL_TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-EXTRA_TASKS = ("paraphrase",)  # reported beside "overall", not in it
+from inkwash.eval.shapeseval import GENEVAL_TASKS, TASKS
+
+EXTRA_TASKS = tuple(t for t in TASKS if t not in GENEVAL_TASKS)  # reported beside "overall", not in it
 GRID_PROMPTS = 12  # prompts shown per task in the sample grid
 FAILURES_PER_TASK = 24  # incorrect images shown per task in the failure gallery
 THUMB_PX = 96  # displayed side of a sample image

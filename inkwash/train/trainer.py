@@ -14,6 +14,8 @@ how chunks are spread over processes or accumulation steps, and resume needs no 
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import json
 import math
@@ -46,11 +48,13 @@ from inkwash.train.ema import EMA
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.safetensors"
 METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.jsonl"
 LOSS_BINS = 10  # loss reported per tenth of normalized time (0 clean .. 1 pure noise)
 
 # TrainConfig fields that may change between a run and its resumption without changing its numbers.
 RESUMABLE_CHANGES = frozenset(
-    {"steps", "output_dir", "sample_every", "checkpoint_every", "log_every", "sample_prompts", "sampling"} | {"device"}
+    {"steps", "output_dir", "sample_every", "checkpoint_every", "log_every", "sample_prompts", "sampling"}
+    | {"device", "eval_every", "eval_prompts"}
 )
 
 
@@ -84,6 +88,8 @@ class TrainConfig:
     sample_every: int = 0  # steps between sample grids; 0 = only at the end of the run
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end of the run
     log_every: int = 10
+    eval_every: int = 0  # steps between quick ShapesEval runs (logged to eval.jsonl); 0 = never
+    eval_prompts: int = 4  # prompts per task in a quick evaluation (one image each)
     sample_prompts: tuple[str, ...] = ("a red circle", "a blue square", "a green triangle", "")
     sampling: dict = field(default_factory=lambda: {"sampler": "euler", "steps": 20, "guidance": 4.0, "schedule": None})
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -96,7 +102,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not (isinstance(value, int) and value > 0):
                 raise UserError(f"Training option {name} must be a positive integer, got {value!r}.")
-        for name in ("warmup_steps", "sample_every", "checkpoint_every"):
+        for name in ("warmup_steps", "sample_every", "checkpoint_every", "eval_every"):
             if getattr(self, name) < 0:
                 raise UserError(f"Training option {name} must be >= 0, got {getattr(self, name)!r}.")
         if not self.lr > 0:
@@ -280,6 +286,7 @@ class Trainer:
         self.device = pick_device(cfg.device)
         self.dist = setup_distributed(self.device)
         self.out = Path(cfg.output_dir)
+        self._macs_per_image: int | None = None
         self.process = _process(cfg.process)
         self.time_sampler = TimeSampler(cfg.time_sampling, **cfg.time_sampling_args)
         self.text_cfg = _text_config(cfg.text_encoder)
@@ -486,10 +493,10 @@ class Trainer:
 
     def truncate_metrics(self) -> None:
         """Drop metric lines after the current step: a killed run's, or all of them on a fresh start."""
-        path = self.out / METRICS_FILE
-        if path.is_file():
-            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
-            path.write_text("".join(ln + "\n" for ln in keep))
+        for path in (self.out / METRICS_FILE, self.out / EVAL_FILE):
+            if path.is_file():
+                keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
+                path.write_text("".join(ln + "\n" for ln in keep))
 
     def log(self, loss_sum: float, n_steps: int, bins: torch.Tensor, seconds: float) -> dict[str, Any]:
         bins = self.dist.all_sum(bins.clone())
@@ -507,30 +514,57 @@ class Trainer:
                 f.write(json.dumps(rec) + "\n")
         return rec
 
+    @contextlib.contextmanager
+    def inference_pipeline(self):
+        """A Pipeline over the current (EMA) weights in eval mode; training modes come back afterwards."""
+        net = self.net
+        if self.ema is not None:
+            net = copy.deepcopy(self.net)
+            self.ema.copy_to(net)
+        was_training = (net.training, self.encoder.training)
+        net.eval()
+        self.encoder.eval()
+        try:
+            yield Pipeline(net, self.model_cfg, self.process, self.cfg.prediction, self.encoder, self.cfg.image_size,
+                           sampling=Sampling.from_dict(self.cfg.sampling), device=self.device,
+                           name=self.out.name)  # fmt: skip
+        finally:
+            net.train(was_training[0])
+            self.encoder.train(was_training[1])
+
     @torch.no_grad()
     def sample_grid(self) -> Path | None:
         """A PNG grid of the sample prompts with the current (EMA) weights; rank 0 only."""
         if not self.dist.main or not self.cfg.sample_prompts:
             return None
-        net = self.net
-        if self.ema is not None:
-            import copy
-
-            net = copy.deepcopy(self.net)
-            self.ema.copy_to(net)
         path = self.out / f"samples_{self.step:07d}.png"
-        was_training = (net.training, self.encoder.training)
-        net.eval()
-        self.encoder.eval()
-        try:
-            pipe = Pipeline(net, self.model_cfg, self.process, self.cfg.prediction, self.encoder, self.cfg.image_size,
-                            sampling=Sampling.from_dict(self.cfg.sampling), device=self.device)  # fmt: skip
+        with self.inference_pipeline() as pipe:
             images = pipe.generate(list(self.cfg.sample_prompts), seed=self.cfg.seed)
-        finally:
-            net.train(was_training[0])
-            self.encoder.train(was_training[1])
         save_grid(images, path)
         return path
+
+    @torch.no_grad()
+    def quick_eval(self) -> dict | None:
+        """A quick ShapesEval (eval_prompts per task, one image each, no FID) logged to eval.jsonl with the
+        training compute so far, so that score-versus-compute curves exist; rank 0 only."""
+        if not self.dist.main:
+            return None
+        from inkwash.eval.runner import EvalConfig, evaluate
+
+        cfg = EvalConfig(per_prompt=1, limit=self.cfg.eval_prompts, fid_images=0, seed=self.cfg.seed)
+        with self.inference_pipeline() as pipe:
+            if self._macs_per_image is None:
+                self._macs_per_image = pipe.info()["macs_per_step"]
+            t = time.perf_counter()
+            result = evaluate(pipe, self.out / "eval" / f"step_{self.step:07d}", cfg, progress=False, report=False)
+        images = self.step * self.global_batch
+        rec = {
+            "step": self.step, "images_seen": images, "train_macs": 3 * self._macs_per_image * images,
+            "scores": {k: v["mean"] for k, v in result["scores"].items()}, "eval_seconds": time.perf_counter() - t,
+        }  # fmt: skip
+        with open(self.out / EVAL_FILE, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        return rec
 
 
 def save_grid(images: torch.Tensor, path: Path, cols: int | None = None) -> None:
@@ -591,6 +625,10 @@ def _run(tr: Trainer, *, resume: bool, max_steps: int | None) -> Path:
                 tr.save()
             if cfg.sample_every and tr.step % cfg.sample_every == 0 and tr.step < end:
                 tr.sample_grid()
+            if cfg.eval_every and tr.step % cfg.eval_every == 0:
+                rec = tr.quick_eval()
+                if rec:
+                    bar.write(f"step {tr.step}: ShapesEval (quick) overall {100 * rec['scores']['overall']:.1f}")
     finally:
         bar.close()
     path = tr.save()

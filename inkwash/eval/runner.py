@@ -1,0 +1,254 @@
+"""Run a ShapesEval evaluation of a pipeline: sample every prompt with fixed seeds, judge, score, FID/KID.
+
+Owns the run folder (settings.json, samples.jsonl, images/, fid/, result.json, report.html) and resuming:
+each finished batch is appended to samples.jsonl (fsynced) and each image written atomically, so an
+interrupted evaluation picks up where it stopped. Knows pipelines only through `generate` and `info`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from inkwash.errors import UserError
+from inkwash.eval.judge import Judge
+from inkwash.eval.shapeseval import TASKS, VERSION, bootstrap, load_prompts, score
+
+FORMAT = "inkwash-eval/1"
+FID_SEED_BASE = 10_000_000  # image seeds of the FID set, apart from the benchmark's
+
+
+@dataclass
+class EvalConfig:
+    sampler: str | None = None  # None: the model's own default
+    steps: int | None = None
+    guidance: float | None = None
+    schedule: str | None = None
+    per_prompt: int = 4
+    tasks: tuple[str, ...] = TASKS
+    seed: int = 0
+    limit: int | None = None  # only the first `limit` prompts of each task (quick evaluations)
+    batch_size: int = 64
+    fid_images: int = 500  # 0: no FID/KID
+    fid_reference: int = 2000
+    features: str = "shapes"
+
+    def __post_init__(self):
+        if not 1 <= self.per_prompt <= 16:
+            raise UserError(f"images per prompt must be from 1 to 16, got {self.per_prompt}")
+        if self.fid_images == 1 or self.fid_images < 0:
+            raise UserError(f"FID needs at least 2 images (or 0 for none), got {self.fid_images}")
+        self.tasks = tuple(self.tasks)
+        load_prompts(self.tasks)  # validates the task names
+
+
+def image_seed(cfg: EvalConfig, index: int, k: int) -> int:
+    """The fixed seed of image k of the prompt at `index` in the full prompt set."""
+    return cfg.seed + 16 * index + k
+
+
+def _fsync_append(path: Path, lines: list[dict]) -> None:
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(line) + "\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _atomic_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _save_png(arr: np.ndarray, path: Path) -> None:
+    tmp = path.with_name(path.stem + ".tmp.png")
+    Image.fromarray(arr).save(tmp)
+    os.replace(tmp, path)
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _read_done(path: Path) -> dict[tuple[str, int], dict]:
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash: that image is simply made again
+            done[(rec["id"], rec["k"])] = rec
+    return done
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"device": "cpu", "cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__.split("+")[0]}
+
+
+@dataclass
+class _Run:
+    pipe: object
+    out: Path
+    cfg: EvalConfig
+    sampling: dict
+    judge: Judge
+    progress: bool
+    timing: dict = field(default_factory=lambda: {"sampling_s": 0.0, "judge_s": 0.0})
+
+    def generate(self, prompts: list[str], seeds: list[int]) -> np.ndarray:
+        t = time.perf_counter()
+        x = self.pipe.generate(prompts, seed=seeds, **self.sampling)
+        self.timing["sampling_s"] += time.perf_counter() - t
+        return _to_uint8(x)
+
+    def bar(self, total: int, desc: str):
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit="img", disable=not self.progress, dynamic_ncols=True)
+
+    def benchmark(self) -> list[dict]:
+        prompts = load_prompts(self.cfg.tasks)
+        if self.cfg.limit is not None:
+            prompts = [p for t in self.cfg.tasks for p in [q for q in prompts if q["task"] == t][: self.cfg.limit]]
+        jobs = [(p, k) for p in prompts for k in range(self.cfg.per_prompt)]
+        log = self.out / "samples.jsonl"
+        done = _read_done(log)
+        todo = [(p, k) for p, k in jobs if (p["id"], k) not in done]
+        (self.out / "images").mkdir(parents=True, exist_ok=True)
+        with self.bar(len(jobs), "ShapesEval") as bar:
+            bar.update(len(jobs) - len(todo))
+            for start in range(0, len(todo), self.cfg.batch_size):
+                batch = todo[start : start + self.cfg.batch_size]
+                seeds = [image_seed(self.cfg, p["index"], k) for p, k in batch]
+                t0 = self.timing["sampling_s"]
+                arr = self.generate([p["prompt"] for p, _ in batch], seeds)
+                per_image = (self.timing["sampling_s"] - t0) / len(batch)
+                t = time.perf_counter()
+                readings = self.judge(arr)
+                judge_s = (time.perf_counter() - t) / len(batch)
+                self.timing["judge_s"] += judge_s * len(batch)
+                records = []
+                for (p, k), seed, img, reading in zip(batch, seeds, arr, readings):
+                    name = f"images/{p['id']}-{k}.png"
+                    _save_png(img, self.out / name)
+                    records.append({
+                        "id": p["id"], "task": p["task"], "prompt": p["prompt"], "k": k, "seed": seed, "image": name,
+                        "correct": score(p["spec"], reading.objects), "reading": reading.to_dict(),
+                        "sample_s": per_image, "judge_s": judge_s,
+                    })  # fmt: skip
+                _fsync_append(log, records)
+                done.update({(r["id"], r["k"]): r for r in records})
+                bar.update(len(batch))
+        return [done[(p["id"], k)] for p, k in jobs]
+
+    def fid(self) -> dict | None:
+        n = self.cfg.fid_images
+        if n == 0:
+            return None
+        from inkwash.data.shapes import ShapesDataset
+        from inkwash.eval.fid import REFERENCE_SEED, features, fid_kid, get_extractor, shapes_reference_features
+
+        size = self.pipe.image_size
+        world = ShapesDataset(size, seed=REFERENCE_SEED)  # captions of the very scenes the reference renders show
+        folder = self.out / "fid"
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = [folder / f"{i:05d}.png" for i in range(n)]
+        todo = [i for i in range(n) if not paths[i].exists()]
+        with self.bar(n, "FID images") as bar:
+            bar.update(n - len(todo))
+            for start in range(0, len(todo), self.cfg.batch_size):
+                idx = todo[start : start + self.cfg.batch_size]
+                arr = self.generate([world.scene(i)[1] for i in idx], [FID_SEED_BASE + self.cfg.seed + i for i in idx])
+                for i, img in zip(idx, arr):
+                    _save_png(img, paths[i])
+                bar.update(len(idx))
+        t = time.perf_counter()
+        extractor = get_extractor(self.cfg.features)
+        gen = features(extractor, np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths]))
+        ref = shapes_reference_features(extractor, size, n=self.cfg.fid_reference)
+        out = {"features": self.cfg.features, **fid_kid(gen, ref)}
+        self.timing["fid_s"] = time.perf_counter() - t  # features and statistics; sampling is in sampling_s
+        return out
+
+
+def _model_info(pipe) -> dict:
+    info = pipe.info()
+    return {
+        "name": info["name"], "path": pipe.source or None, "parameters": info["parameters"],
+        "image_size": info["image_size"], "arch": info["model"].get("arch"), "prediction": info["prediction"],
+        "process": info["process"].get("kind"), "macs_per_step": info["macs_per_step"],
+    }  # fmt: skip
+
+
+def evaluate(pipe, out_dir: str | os.PathLike, cfg: EvalConfig | None = None, *, progress: bool = True,
+             judge: Judge | None = None, report: bool = True) -> dict:  # fmt: skip
+    """Evaluate `pipe` into `out_dir` (resuming what is there) and return the result dict (also result.json)."""
+    cfg = cfg or EvalConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    s = pipe.settings(sampler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance, schedule=cfg.schedule)
+    sampling = dataclasses.asdict(s)
+    rest = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in sampling and k != "batch_size"}
+    settings = {"benchmark": VERSION, "model": pipe.name, **sampling, **rest}
+    settings["tasks"] = list(settings["tasks"])
+    path = out / "settings.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if diff:
+            raise UserError(f"{out} holds an evaluation with other settings ({', '.join(diff)}); "
+                            "choose another output folder or delete it")  # fmt: skip
+    else:
+        _atomic_json(path, settings)
+    t_start = time.perf_counter()
+    run = _Run(pipe, out, cfg, sampling, judge or Judge(), progress)
+    samples = run.benchmark()
+    fid = run.fid()
+    correct = {}
+    for task in cfg.tasks:
+        rows = [r for r in samples if r["task"] == task]
+        if rows:
+            correct[task] = np.array([r["correct"] for r in rows]).reshape(-1, cfg.per_prompt)
+    sampled = [r["sample_s"] for r in samples]
+    judged = [r["judge_s"] for r in samples]
+    result = {
+        "format": FORMAT,
+        "benchmark": VERSION,
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "model": _model_info(pipe),
+        "settings": {k: settings[k] for k in settings if k not in ("benchmark", "model")},
+        "scores": bootstrap(correct, seed=cfg.seed),
+        "fid": fid,
+        "timing": {
+            "images": len(samples),
+            "seconds_per_image": float(np.mean(sampled) + np.mean(judged)),
+            "sampling_s": float(np.sum(sampled)),
+            "judge_s": float(np.sum(judged)),
+            "fid_s": run.timing.get("fid_s"),
+            "total_s": time.perf_counter() - t_start,
+        },  # fmt: skip
+        "machine": machine(),
+        "samples": samples,
+    }
+    _atomic_json(out / "result.json", result)
+    if report:
+        from inkwash.eval.report import write_report
+
+        write_report(result, out)
+    return result

@@ -1,0 +1,121 @@
+"""`inkwash eval`, `inkwash leaderboard` and `train --eval-every` on a tiny untrained model: files, schema,
+resuming an interrupted evaluation, refusing a folder of other settings."""
+
+import json
+
+import pytest
+import torch
+
+from inkwash.cli import main
+from inkwash.errors import UserError
+from inkwash.eval.runner import EvalConfig, evaluate, image_seed
+from inkwash.eval.shapeseval import GENEVAL_TASKS, TASKS
+from inkwash.pipeline import load
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+QUICK = dict(limit=1, per_prompt=2, fid_images=0, batch_size=5)
+
+
+def test_eval_writes_result_report_and_images(model_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["eval", str(model_file), "--limit", "1", "--per-prompt", "2", "--fid", "0", "-o", str(out)])
+    assert code == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["format"] == "inkwash-eval/1" and result["benchmark"] == "shapeseval-v1"
+    assert set(result["scores"]) == {"overall", *TASKS}
+    for t in TASKS:
+        s = result["scores"][t]
+        assert s["lo"] <= s["mean"] <= s["hi"] and s["prompts"] == 1 and s["images"] == 2
+    assert len(result["samples"]) == 2 * len(TASKS)
+    assert result["settings"]["sampler"] == "euler" and result["settings"]["steps"] == 3  # the model's defaults
+    assert result["model"]["parameters"] > 0 and result["timing"]["seconds_per_image"] > 0
+    for rec in result["samples"]:
+        assert (out / rec["image"]).is_file() and isinstance(rec["correct"], bool)
+    assert (out / "report.html").is_file()
+    printed = capsys.readouterr().out
+    assert "overall" in printed and "s/image" in printed
+
+
+def test_interrupted_eval_resumes_without_redoing_work(model_file, tmp_path, monkeypatch):
+    pipe = load(model_file)
+    full = evaluate(pipe, tmp_path / "a", EvalConfig(**QUICK), progress=False, report=False)
+
+    calls = []
+    real = pipe.generate
+
+    def counting(prompts, **kw):
+        calls.append(len(prompts))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed during the second batch
+        return real(prompts, **kw)
+
+    monkeypatch.setattr(pipe, "generate", counting)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(pipe, tmp_path / "b", EvalConfig(**QUICK), progress=False, report=False)
+    log = (tmp_path / "b" / "samples.jsonl").read_text().splitlines()
+    assert len(log) == 5  # the first batch is on disk
+    (tmp_path / "b" / "samples.jsonl").write_text("\n".join(log) + '\n{"id": "cut sh')  # a torn last line
+    calls.clear()
+    monkeypatch.setattr(pipe, "generate", lambda prompts, **kw: (calls.append(len(prompts)), real(prompts, **kw))[1])
+    resumed = evaluate(pipe, tmp_path / "b", EvalConfig(**QUICK), progress=False, report=False)
+    assert sum(calls) == 2 * len(TASKS) - 5  # only what was missing
+    key = lambda r: (r["id"], r["k"])  # noqa: E731
+    a = sorted(full["samples"], key=key)
+    b = sorted(resumed["samples"], key=key)
+    assert [(r["id"], r["k"], r["seed"]) for r in a] == [(r["id"], r["k"], r["seed"]) for r in b]
+    assert resumed["scores"]["overall"]["mean"] == pytest.approx(full["scores"]["overall"]["mean"], abs=0.5)
+
+
+def test_eval_refuses_a_folder_with_other_settings(model_file, tmp_path):
+    pipe = load(model_file)
+    evaluate(pipe, tmp_path, EvalConfig(**QUICK, tasks=("colors",)), progress=False, report=False)
+    with pytest.raises(UserError, match="other settings"):
+        evaluate(pipe, tmp_path, EvalConfig(**{**QUICK, "per_prompt": 3}, tasks=("colors",)), progress=False)
+
+
+def test_seeds_are_fixed_by_prompt_not_by_task_selection(model_file, tmp_path):
+    pipe = load(model_file)
+    one = evaluate(pipe, tmp_path / "one", EvalConfig(**QUICK, tasks=("counting",)), progress=False, report=False)
+    (rec,) = [r for r in one["samples"] if r["k"] == 1]
+    assert rec["seed"] == image_seed(EvalConfig(), 0 + 49 + 70, 1)  # counting starts after 49 + 70 prompts
+    assert set(one["scores"]) == {"overall", "counting"}
+
+
+def test_bad_eval_options_are_one_sentence(model_file, tmp_path, capsys):
+    assert main(["eval", str(model_file), "--tasks", "colours", "-o", str(tmp_path)]) == 2
+    assert "Unknown ShapesEval task" in capsys.readouterr().err
+    assert main(["eval", str(model_file), "--per-prompt", "0", "-o", str(tmp_path)]) == 2
+    assert main(["leaderboard", str(tmp_path / "nothing-here")]) == 2
+
+
+def test_leaderboard_lists_runs(model_file, tmp_path, capsys):
+    for g in ("1", "3"):
+        args = ["eval", str(model_file), "--limit", "1", "--per-prompt", "1", "--fid", "0", "--guidance", g]
+        assert main([*args, "--tasks", *GENEVAL_TASKS[:2], "-o", str(tmp_path / f"g{g}")]) == 0
+    capsys.readouterr()
+    assert main(["leaderboard", str(tmp_path), "--sort", "guidance"]) == 0
+    out = capsys.readouterr().out
+    assert out.index("g1") < out.index("g3")
+    md = (tmp_path / "leaderboard.md").read_text()
+    assert md.count("\n|") >= 3 and (tmp_path / "leaderboard.html").is_file()
+
+
+def test_train_eval_every_logs_scores_against_compute(tmp_path):
+    from test_trainer import tiny
+
+    from inkwash.train.trainer import train
+
+    cfg = tiny(tmp_path, steps=2, eval_every=1, eval_prompts=1, sample_every=0)
+    train(cfg)
+    recs = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2]
+    assert recs[1]["train_macs"] == 2 * recs[0]["train_macs"] > 0
+    assert set(recs[0]["scores"]) == {"overall", *TASKS}
