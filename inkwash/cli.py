@@ -20,6 +20,7 @@ def _generate(args) -> None:
     images = pipe(
         args.prompt, negative_prompt=args.negative, n=args.n, seed=args.seed, size=args.size,
         steps=args.steps, sampler=args.sampler, schedule=args.schedule, guidance=args.guidance, rescale=args.rescale,
+        precision=args.precision,
     )  # fmt: skip
     out = Path(args.output)
     for i, img in enumerate(images):
@@ -73,10 +74,11 @@ def _eval(args) -> None:
     cfg = EvalConfig(
         sampler=args.sampler, steps=args.steps, guidance=args.guidance, schedule=args.schedule,
         per_prompt=args.per_prompt, tasks=tuple(args.tasks or TASKS), seed=args.seed, limit=args.limit,
-        batch_size=args.batch_size, fid_images=args.fid, features=args.features,
+        batch_size=args.batch_size, fid_images=args.fid, features=args.features, precision=args.precision,
     )  # fmt: skip
     s = pipe.settings(sampler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance, schedule=cfg.schedule)
-    out = Path(args.output or f"evals/{pipe.name}-{s.sampler}-{s.steps}-g{s.guidance:g}")
+    suffix = "" if args.precision == "fp32" else f"-{args.precision}"
+    out = Path(args.output or f"evals/{pipe.name}-{s.sampler}-{s.steps}-g{s.guidance:g}{suffix}")
     result = evaluate(pipe, out, cfg)
     sc, t = result["scores"], result["timing"]
     for name, v in sc.items():
@@ -111,6 +113,7 @@ def _info(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .eval.shapeseval import TASKS
+    from .pipeline import PRECISIONS
     from .sampling import SAMPLERS, SCHEDULES
 
     p = argparse.ArgumentParser(prog="inkwash", description="Text-to-image diffusion: train, sample, measure.")
@@ -128,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
     g.add_argument("-n", type=int, default=1, help="images per prompt")
+    g.add_argument("--precision", default="fp32", choices=PRECISIONS, help="network precision (bf16: autocast)")
     g.add_argument("-o", "--output", default="out", help="a .png path, or a folder for numbered images")
     g.set_defaults(fn=_generate)
 
@@ -151,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fid", type=int, default=500, help="images for FID/KID (0: none; default 500)")
     e.add_argument("--features", default="shapes", help="FID features: shapes, or inception:PATH (pytorch-fid's)")
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--batch-size", dest="batch_size", type=int, default=64)
+    e.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="prompts sampled together")
+    e.add_argument("--precision", default="fp32", choices=PRECISIONS, help="network precision (bf16: autocast)")
     e.add_argument("-o", "--output", default=None, help="run folder (default evals/MODEL-SAMPLER-STEPS-gGUIDANCE)")
     e.set_defaults(fn=_eval)
 

@@ -6,8 +6,10 @@ and the Python API (`inkwash.load`) all call it. Knows no file layouts beyond `f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +52,21 @@ class Sampling:
     def from_dict(cls, d: dict) -> Sampling:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast_for(precision: str, device: torch.device):
+    """A context factory: bf16 autocast where the device does bf16, fp32 otherwise (announced, not silent)."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision != "bf16":
+        return contextlib.nullcontext
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        print(f"inkwash: {torch.cuda.get_device_name(device)} has no bf16; running in fp32.", file=sys.stderr)
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def text_cond(emb, model_cfg) -> dict[str, torch.Tensor]:
@@ -186,11 +203,13 @@ class Pipeline:
         seed: int | list[int] = 0,
         size: int | None = None,
         callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
+        precision: str = "fp32",
         **overrides,
     ) -> torch.Tensor:
         """Images [N, 3, H, W] in [-1, 1]; "" is the unconditional prompt. Image i starts from noise seeded
         `seed + i` (or `seed[i]` for a list) on the CPU, so it does not depend on the device or on the rest of
-        the batch; stochastic samplers draw their later noise from one generator seeded by the first seed."""
+        the batch; stochastic samplers draw their later noise from one generator seeded by the first seed.
+        `precision="bf16"` runs the network under bf16 autocast; the sampler's state stays float32."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise UserError("no prompts given")
@@ -216,18 +235,20 @@ class Pipeline:
             ]
         )
         gen = torch.Generator().manual_seed(seeds[0])
-        out = SAMPLERS[s.sampler](
-            model, x.to(self.device), times, process=self.process, generator=gen, callback=callback
-        )
+        with autocast_for(precision, self.device)():
+            out = SAMPLERS[s.sampler](
+                model, x.to(self.device), times, process=self.process, generator=gen, callback=callback
+            )
         return out.clamp(-1, 1)
 
     def __call__(self, prompt: str | list[str], *, negative_prompt: str = "", n: int = 1, seed: int = 0,
-                 size: int | None = None, callback=None, **overrides) -> list[Image.Image]:  # fmt: skip
+                 size: int | None = None, callback=None, precision: str = "fp32",
+                 **overrides) -> list[Image.Image]:  # fmt: skip
         """PIL images carrying A1111-style `parameters` text."""
         if any(not p.strip() for p in ([prompt] if isinstance(prompt, str) else prompt)):
             raise UserError('the prompt is empty; say what to draw, e.g. "a red circle"')
         x = self.generate(prompt, negative_prompt=negative_prompt, n=n, seed=seed, size=size, callback=callback,
-                          **overrides)  # fmt: skip
+                          precision=precision, **overrides)  # fmt: skip
         s, size = self.settings(**overrides), x.shape[-1]
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         images = to_pil(x)

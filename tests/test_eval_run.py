@@ -77,8 +77,11 @@ def test_interrupted_eval_resumes_without_redoing_work(model_file, tmp_path, mon
 def test_eval_refuses_a_folder_with_other_settings(model_file, tmp_path):
     pipe = load(model_file)
     evaluate(pipe, tmp_path, EvalConfig(**QUICK, tasks=("colors",)), progress=False, report=False)
-    with pytest.raises(UserError, match="other settings"):
-        evaluate(pipe, tmp_path, EvalConfig(**{**QUICK, "per_prompt": 3}, tasks=("colors",)), progress=False)
+    with pytest.raises(UserError, match=r"other settings \(guidance\)"):
+        evaluate(pipe, tmp_path, EvalConfig(**QUICK, tasks=("colors",), guidance=7.0), progress=False)
+    more = evaluate(pipe, tmp_path, EvalConfig(**{**QUICK, "per_prompt": 3}, tasks=("colors", "counting")),
+                    progress=False, report=False)  # fmt: skip
+    assert more["scores"]["colors"]["images"] == 3 and more["scores"]["counting"]["images"] == 3
 
 
 def test_seeds_are_fixed_by_prompt_not_by_task_selection(model_file, tmp_path):

@@ -1,6 +1,6 @@
 """Run a ShapesEval evaluation of a pipeline: sample every prompt with fixed seeds, judge, score, FID/KID.
 
-Owns the run folder (settings.json, samples.jsonl, images/, fid/, result.json, report.html) and resuming:
+Owns the run folder (identity.json, samples.jsonl, images/, fid/, result.json, report.html) and resuming:
 each finished batch is appended to samples.jsonl (fsynced) and each image written atomically, so an
 interrupted evaluation picks up where it stopped. Knows pipelines only through `generate` and `info`.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
@@ -38,7 +39,8 @@ class EvalConfig:
     tasks: tuple[str, ...] = TASKS
     seed: int = 0
     limit: int | None = None  # only the first `limit` prompts of each task (quick evaluations)
-    batch_size: int = 64
+    precision: str = "fp32"  # or "bf16": the network under autocast
+    batch_size: int = 16  # images sampled together (16 with guidance is the fastest batch on a 2-core CPU)
     fid_images: int = 500  # 0: no FID/KID
     fid_reference: int = 2000
     features: str = "shapes"
@@ -113,7 +115,7 @@ class _Run:
 
     def generate(self, prompts: list[str], seeds: list[int]) -> np.ndarray:
         t = time.perf_counter()
-        x = self.pipe.generate(prompts, seed=seeds, **self.sampling)
+        x = self.pipe.generate(prompts, seed=seeds, precision=self.cfg.precision, **self.sampling)
         self.timing["sampling_s"] += time.perf_counter() - t
         return _to_uint8(x)
 
@@ -187,10 +189,22 @@ class _Run:
         return out
 
 
+def _file_hash(path: str) -> str | None:
+    """First 16 hex digits of a model file's sha256 (None for a pipeline not loaded from a file)."""
+    if not path:
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
 def _model_info(pipe) -> dict:
     info = pipe.info()
     return {
-        "name": info["name"], "path": pipe.source or None, "parameters": info["parameters"],
+        "name": info["name"], "path": pipe.source or None, "sha256": _file_hash(pipe.source),
+        "parameters": info["parameters"],
         "image_size": info["image_size"], "arch": info["model"].get("arch"), "prediction": info["prediction"],
         "process": info["process"].get("kind"), "macs_per_step": info["macs_per_step"],
     }  # fmt: skip
@@ -207,15 +221,17 @@ def evaluate(pipe, out_dir: str | os.PathLike, cfg: EvalConfig | None = None, *,
     rest = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in sampling and k != "batch_size"}
     settings = {"benchmark": VERSION, "model": pipe.name, **sampling, **rest}
     settings["tasks"] = list(settings["tasks"])
-    path = out / "settings.json"
+    identity = {"benchmark": VERSION, "model_sha256": _file_hash(pipe.source), **sampling, "seed": cfg.seed,
+                "precision": cfg.precision}  # fmt: skip
+    path = out / "identity.json"  # what fixes every image; tasks, counts and FID options may change
     if path.exists():
         old = json.loads(path.read_text())
-        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
         if diff:
             raise UserError(f"{out} holds an evaluation with other settings ({', '.join(diff)}); "
                             "choose another output folder or delete it")  # fmt: skip
     else:
-        _atomic_json(path, settings)
+        _atomic_json(path, identity)
     t_start = time.perf_counter()
     run = _Run(pipe, out, cfg, sampling, judge or Judge(), progress)
     samples = run.benchmark()

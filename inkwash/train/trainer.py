@@ -41,7 +41,7 @@ from inkwash.formats.checkpoint import (
     save_state,
     unflatten_optimizer_state,
 )
-from inkwash.pipeline import Pipeline, Sampling, fit_to_encoder, text_cond
+from inkwash.pipeline import Pipeline, Sampling, autocast_for, fit_to_encoder, text_cond
 from inkwash.text import CachedTextEncoder, TextEncoder, TextEncoderConfig, build_text_encoder
 from inkwash.train.ema import EMA
 
@@ -261,16 +261,6 @@ def pick_device(spec: str) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
-
-
-def autocast_for(precision: str, device: torch.device):
-    """bf16 autocast where the device does bf16, fp32 otherwise (announced, not silent)."""
-    if precision != "bf16":
-        return nullcontext
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        tqdm.write(f"inkwash: {torch.cuda.get_device_name(device)} has no bf16; training in fp32.")
-        return nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------- the run
