@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from inkwash.data.base import to_uint8_hwc
 from inkwash.eval.judge import Judge
 from inkwash.eval.shapeseval import load_prompts
 from inkwash.pipeline import load
@@ -49,7 +50,7 @@ def main() -> None:
         t0 = time.perf_counter()
         x = pipe.generate(batch, seed=list(range(start, start + len(batch))))
         t1 = time.perf_counter()
-        arr = ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        arr = to_uint8_hwc(x)
         t2 = time.perf_counter()
         judge(arr)
         t3 = time.perf_counter()

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from PIL import Image, PngImagePlugin
 
+from .data.base import to_uint8_hwc
 from .diffusion import Denoiser, Process, process_from_dict
 from .errors import UserError
 from .formats.checkpoint import load_model_file, strip_prefix
@@ -110,8 +111,7 @@ def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
 
 def to_pil(x: torch.Tensor) -> list[Image.Image]:
     """[N, 3, H, W] in [-1, 1] -> PIL images."""
-    arr = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arr]
+    return [Image.fromarray(a) for a in to_uint8_hwc(x)]
 
 
 @dataclass

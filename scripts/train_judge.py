@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
+from inkwash.data.base import to_uint8_hwc
 from inkwash.data.shapes import SHAPES, ShapesDataset
 from inkwash.eval.judge import ASSET, ShapeNet, segment
 from inkwash.formats.checkpoint import save_model
@@ -48,7 +49,7 @@ def make_crops(n_images: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     per = n_images // len(SIZES)
     for k, size in enumerate(SIZES):
         images, _, scenes = ShapesDataset(size, seed=seed).batch(range(k * per, (k + 1) * per))
-        arr = ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        arr = to_uint8_hwc(images)
         arr = np.stack([random_degrade(a, rng) for a in arr])
         for (_, _, blobs), scene in zip(segment(arr), scenes):
             for b in blobs:

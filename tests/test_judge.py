@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from inkwash.data.base import to_uint8_hwc
 from inkwash.data.shapes import ShapesDataset
 from inkwash.eval.judge import DEGRADATIONS, Judge, Reading, ReadObject, degrade, label_components, scene_matches
 
@@ -20,7 +21,7 @@ def judge():
 
 def renders(size: int, n: int, seed: int = HELD_OUT_SEED):
     images, _, scenes = ShapesDataset(size, seed=seed).batch(range(n))
-    return ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy(), scenes
+    return to_uint8_hwc(images), scenes
 
 
 @pytest.mark.slow

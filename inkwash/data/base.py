@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+
+def to_uint8_hwc(images) -> np.ndarray:
+    """The inverse of the item format: float images [B, 3, H, W] in [-1, 1] (tensor or array) -> uint8
+    [B, H, W, 3], clipped and rounded."""
+    if isinstance(images, torch.Tensor):
+        images = images.detach().float().cpu().numpy()
+    x = (np.asarray(images, np.float32) + 1.0) * 127.5
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
 def collate(items: list[dict]) -> dict:

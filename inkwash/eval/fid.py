@@ -19,6 +19,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from inkwash.data.base import to_uint8_hwc
 from inkwash.errors import UserError
 
 EXTRACTOR_SPECS = ("inception:/path/to/pt_inception-2015-12-05-6726825d.pth", "shapes")
@@ -164,14 +165,6 @@ def features(extractor: FeatureExtractor, images: np.ndarray, batch_size: int = 
             )
         out[start : start + len(batch)] = feats
     return out
-
-
-def to_uint8_hwc(images) -> np.ndarray:
-    """Float images [B, 3, H, W] in [-1, 1] (tensor or array) -> uint8 [B, H, W, 3]."""
-    if hasattr(images, "detach"):
-        images = images.detach().float().cpu().numpy()
-    x = (np.asarray(images, np.float32) + 1.0) * 127.5
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
 # ---------------------------------------------------------------------------------------------- reference

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from torch import nn
 
+from inkwash.data.base import to_uint8_hwc
 from inkwash.data.shapes import BACKGROUNDS, COLOURS, MIN_CONTRAST, SHAPES, SIZES, shape_mask
 from inkwash.errors import UserError
 from inkwash.formats.checkpoint import load_model_file
@@ -248,8 +249,7 @@ def _crop(cov: np.ndarray, pix: np.ndarray, w: int) -> np.ndarray:
 def _as_uint8(images) -> np.ndarray:
     """uint8 [N, H, W, 3] from uint8 arrays, PIL images, or float tensors [N, 3, H, W] in [-1, 1]."""
     if isinstance(images, torch.Tensor):
-        x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return x.permute(0, 2, 3, 1).cpu().numpy()
+        return to_uint8_hwc(images)
     if isinstance(images, Image.Image):
         images = [images]
     if isinstance(images, np.ndarray) and images.ndim == 3:

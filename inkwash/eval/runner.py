@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from inkwash.data.base import to_uint8_hwc
 from inkwash.errors import UserError
 from inkwash.eval.judge import Judge
 from inkwash.eval.shapeseval import TASKS, VERSION, bootstrap, load_prompts, score
@@ -78,10 +79,6 @@ def _save_png(arr: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _to_uint8(x: torch.Tensor) -> np.ndarray:
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
 def _read_done(path: Path) -> dict[tuple[str, int], dict]:
     done = {}
     if path.exists():
@@ -117,7 +114,7 @@ class _Run:
         t = time.perf_counter()
         x = self.pipe.generate(prompts, seed=seeds, precision=self.cfg.precision, **self.sampling)
         self.timing["sampling_s"] += time.perf_counter() - t
-        return _to_uint8(x)
+        return to_uint8_hwc(x)
 
     def bar(self, total: int, desc: str):
         from tqdm import tqdm
