@@ -58,7 +58,7 @@ def _train(args) -> None:
         if not eq:
             raise UserError(f"--set takes key=value, got {item!r}")
         cfg[key.replace("-", "_")] = _parse_value(value)
-    for key in ("output_dir", "steps"):
+    for key in ("output_dir", "steps", "eval_every"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     path = train(TrainConfig.from_dict(cfg), resume=args.resume)
@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output-dir", dest="output_dir", default=None)
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--resume", action="store_true", help="continue exactly from the run's last checkpoint")
+    t.add_argument("--eval-every", dest="eval_every", type=int, default=None, metavar="N",
+                   help="a quick ShapesEval every N steps, logged to eval.jsonl with the training compute")  # fmt: skip
     t.set_defaults(fn=_train)
 
     e = sub.add_parser("eval", help="score a model on ShapesEval (GenEval-style) with FID/KID; resumable")

@@ -122,3 +122,12 @@ def test_train_eval_every_logs_scores_against_compute(tmp_path):
     assert [r["step"] for r in recs] == [1, 2]
     assert recs[1]["train_macs"] == 2 * recs[0]["train_macs"] > 0
     assert set(recs[0]["scores"]) == {"overall", *TASKS}
+
+
+def test_train_cli_takes_eval_every(tmp_path, monkeypatch):
+    import inkwash.train.trainer as T
+
+    seen = {}
+    monkeypatch.setattr(T, "train", lambda cfg, resume=False: seen.setdefault("cfg", cfg) and tmp_path)
+    assert main(["train", "--eval-every", "50", "--steps", "100", "--output-dir", str(tmp_path)]) == 0
+    assert seen["cfg"].eval_every == 50 and seen["cfg"].steps == 100
