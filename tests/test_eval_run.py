@@ -131,3 +131,17 @@ def test_train_cli_takes_eval_every(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "train", lambda cfg, resume=False: seen.setdefault("cfg", cfg) and tmp_path)
     assert main(["train", "--eval-every", "50", "--steps", "100", "--output-dir", str(tmp_path)]) == 0
     assert seen["cfg"].eval_every == 50 and seen["cfg"].steps == 100
+
+
+def test_bf16_precision_runs_the_network_in_bf16(model_file):
+    pipe = load(model_file)
+    seen = []
+    conv = next(m for m in pipe.net.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    a = pipe.generate("a red circle", seed=3)
+    b = pipe.generate("a red circle", seed=3, precision="bf16")
+    steps = len(seen) // 2
+    assert set(seen[:steps]) == {torch.float32} and set(seen[steps:]) == {torch.bfloat16}
+    assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape  # the sampler's state stays float32
+    with pytest.raises(UserError, match="unknown precision"):
+        pipe.generate("a red circle", precision="fp16")
