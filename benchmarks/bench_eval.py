@@ -1,7 +1,8 @@
 """What a ShapesEval run costs: seconds per image split into text encoding, denoising, decoding to uint8,
 judging and PNG writing, measured on a subset and extrapolated to the full set (or run in full).
 
-Usage: python benchmarks/bench_eval.py [--model PATH] [--prompts 64] [--per-prompt 4] [--batch 64] [--full]
+Usage: python benchmarks/bench_eval.py [--model PATH] [--prompts 64] [--per-prompt 4] [--batch 16]
+                                       [--precision bf16] [--full]
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--prompts", type=int, default=64, help="prompts measured (spread over all tasks)")
     ap.add_argument("--per-prompt", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--full", action="store_true", help="measure every prompt instead of extrapolating")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     args = ap.parse_args()
     pipe, judge = load(args.model), Judge()
     prompts = load_prompts()
@@ -48,7 +50,7 @@ def main() -> None:
     for start in range(0, len(jobs), args.batch):
         batch = jobs[start : start + args.batch]
         t0 = time.perf_counter()
-        x = pipe.generate(batch, seed=list(range(start, start + len(batch))))
+        x = pipe.generate(batch, seed=list(range(start, start + len(batch))), precision=args.precision)
         t1 = time.perf_counter()
         arr = to_uint8_hwc(x)
         t2 = time.perf_counter()
@@ -66,7 +68,7 @@ def main() -> None:
     per = {k: v / n for k, v in t.items()}
     whole = sum(per.values())
     print(f"model {pipe.name}: {s.sampler}, {s.steps} steps, guidance {s.guidance}, {pipe.image_size} px, "
-          f"batch {args.batch}, {torch.get_num_threads()} threads; {n} images measured")  # fmt: skip
+          f"batch {args.batch}, {args.precision}, {torch.get_num_threads()} threads; {n} images measured")  # fmt: skip
     print(f"{'part':10} {'ms/image':>9} {'share':>7}")
     for k, v in per.items():
         print(f"{k:10} {1000 * v:9.2f} {100 * v / whole:6.1f}%")
