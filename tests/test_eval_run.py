@@ -145,3 +145,12 @@ def test_bf16_precision_runs_the_network_in_bf16(model_file):
     assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape  # the sampler's state stays float32
     with pytest.raises(UserError, match="unknown precision"):
         pipe.generate("a red circle", precision="fp16")
+
+
+def test_workers_make_the_same_evaluation(model_file, tmp_path):
+    pipe = load(model_file)
+    one = evaluate(pipe, tmp_path / "one", EvalConfig(**QUICK), progress=False, report=False)
+    two = evaluate(pipe, tmp_path / "two", EvalConfig(**QUICK, workers=2), progress=False, report=False)
+    assert sorted((tmp_path / "two").glob("samples-w*.jsonl")) != []
+    strip = lambda rs: sorted((r["id"], r["k"], r["seed"], r["correct"], json.dumps(r["reading"])) for r in rs)  # noqa: E731
+    assert strip(one["samples"]) == strip(two["samples"])

@@ -41,6 +41,7 @@ class EvalConfig:
     seed: int = 0
     limit: int | None = None  # only the first `limit` prompts of each task (quick evaluations)
     precision: str = "fp32"  # or "bf16": the network under autocast
+    workers: int = 1  # processes of one thread each sampling in parallel (needs a model loaded from a file)
     batch_size: int = 16  # images sampled together (16 with guidance is the fastest batch on a 2-core CPU)
     fid_images: int = 500  # 0: no FID/KID
     fid_reference: int = 2000
@@ -49,6 +50,8 @@ class EvalConfig:
     def __post_init__(self):
         if not 1 <= self.per_prompt <= 16:
             raise UserError(f"images per prompt must be from 1 to 16, got {self.per_prompt}")
+        if self.workers < 1:
+            raise UserError(f"workers must be at least 1, got {self.workers}")
         if self.fid_images == 1 or self.fid_images < 0:
             raise UserError(f"FID needs at least 2 images (or 0 for none), got {self.fid_images}")
         self.tasks = tuple(self.tasks)
@@ -61,8 +64,9 @@ def image_seed(cfg: EvalConfig, index: int, k: int) -> int:
 
 
 def _fsync_append(path: Path, lines: list[dict]) -> None:
+    torn = path.exists() and path.stat().st_size > 0 and path.read_bytes()[-1:] != b"\n"  # a crash mid-line
     with open(path, "a") as f:
-        f.write("".join(json.dumps(line) + "\n" for line in lines))
+        f.write(("\n" if torn else "") + "".join(json.dumps(line) + "\n" for line in lines))
         f.flush()
         os.fsync(f.fileno())
 
@@ -79,9 +83,10 @@ def _save_png(arr: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _read_done(path: Path) -> dict[tuple[str, int], dict]:
+def _read_done(out: Path) -> dict[tuple[str, int], dict]:
+    """Every logged sample in a run folder (samples.jsonl and the workers' samples-wN.jsonl)."""
     done = {}
-    if path.exists():
+    for path in sorted(out.glob("samples*.jsonl")):
         for line in path.read_text().splitlines():
             try:
                 rec = json.loads(line)
@@ -89,6 +94,23 @@ def _read_done(path: Path) -> dict[tuple[str, int], dict]:
                 continue  # a line cut short by a crash: that image is simply made again
             done[(rec["id"], rec["k"])] = rec
     return done
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except OSError:
+        return 0
+
+
+def _worker(source: str, out: str, cfg: EvalConfig, sampling: dict, batches: list, w: int) -> None:
+    """One worker process: its own pipeline and judge, one thread, its own log."""
+    torch.set_num_threads(1)
+    from inkwash.pipeline import load
+
+    run = _Run(load(source), Path(out), cfg, sampling, Judge(), progress=False)
+    for batch in batches:
+        run.batch(batch, Path(out) / f"samples-w{w}.jsonl")
 
 
 def machine() -> dict:
@@ -109,6 +131,7 @@ class _Run:
     judge: Judge
     progress: bool
     timing: dict = field(default_factory=lambda: {"sampling_s": 0.0, "judge_s": 0.0})
+    logged_before: int = 0  # lines in the workers' logs when this run began
 
     def generate(self, prompts: list[str], seeds: list[int]) -> np.ndarray:
         t = time.perf_counter()
@@ -126,35 +149,67 @@ class _Run:
         if self.cfg.limit is not None:
             prompts = [p for t in self.cfg.tasks for p in [q for q in prompts if q["task"] == t][: self.cfg.limit]]
         jobs = [(p, k) for p in prompts for k in range(self.cfg.per_prompt)]
-        log = self.out / "samples.jsonl"
-        done = _read_done(log)
+        done = _read_done(self.out)
         todo = [(p, k) for p, k in jobs if (p["id"], k) not in done]
         (self.out / "images").mkdir(parents=True, exist_ok=True)
+        batches = [todo[i : i + self.cfg.batch_size] for i in range(0, len(todo), self.cfg.batch_size)]
         with self.bar(len(jobs), "ShapesEval") as bar:
             bar.update(len(jobs) - len(todo))
-            for start in range(0, len(todo), self.cfg.batch_size):
-                batch = todo[start : start + self.cfg.batch_size]
-                seeds = [image_seed(self.cfg, p["index"], k) for p, k in batch]
-                t0 = self.timing["sampling_s"]
-                arr = self.generate([p["prompt"] for p, _ in batch], seeds)
-                per_image = (self.timing["sampling_s"] - t0) / len(batch)
-                t = time.perf_counter()
-                readings = self.judge(arr)
-                judge_s = (time.perf_counter() - t) / len(batch)
-                self.timing["judge_s"] += judge_s * len(batch)
-                records = []
-                for (p, k), seed, img, reading in zip(batch, seeds, arr, readings):
-                    name = f"images/{p['id']}-{k}.png"
-                    _save_png(img, self.out / name)
-                    records.append({
-                        "id": p["id"], "task": p["task"], "prompt": p["prompt"], "k": k, "seed": seed, "image": name,
-                        "correct": score(p["spec"], reading.objects), "reading": reading.to_dict(),
-                        "sample_s": per_image, "judge_s": judge_s,
-                    })  # fmt: skip
-                _fsync_append(log, records)
-                done.update({(r["id"], r["k"]): r for r in records})
-                bar.update(len(batch))
+            if self.cfg.workers > 1 and self.pipe.source and len(batches) > 1:
+                self.in_workers(batches, bar)
+            else:
+                for batch in batches:
+                    self.batch(batch, self.out / "samples.jsonl")
+                    bar.update(len(batch))
+        done = _read_done(self.out)
         return [done[(p["id"], k)] for p, k in jobs]
+
+    def batch(self, batch: list[tuple[dict, int]], log: Path) -> None:
+        """Sample, save, judge and log one batch of (prompt, k)."""
+        seeds = [image_seed(self.cfg, p["index"], k) for p, k in batch]
+        t0 = self.timing["sampling_s"]
+        arr = self.generate([p["prompt"] for p, _ in batch], seeds)
+        per_image = (self.timing["sampling_s"] - t0) / len(batch)
+        t = time.perf_counter()
+        readings = self.judge(arr)
+        judge_s = (time.perf_counter() - t) / len(batch)
+        self.timing["judge_s"] += judge_s * len(batch)
+        records = []
+        for (p, k), seed, img, reading in zip(batch, seeds, arr, readings):
+            name = f"images/{p['id']}-{k}.png"
+            _save_png(img, self.out / name)
+            records.append({
+                "id": p["id"], "task": p["task"], "prompt": p["prompt"], "k": k, "seed": seed, "image": name,
+                "correct": score(p["spec"], reading.objects), "reading": reading.to_dict(),
+                "sample_s": per_image, "judge_s": judge_s,
+            })  # fmt: skip
+        _fsync_append(log, records)
+
+    def in_workers(self, batches: list, bar) -> None:
+        """Batches dealt round-robin to `workers` processes of one thread each (on a small CPU, faster than
+        one process's intra-op threads), each logging to its own samples-wN.jsonl."""
+        import multiprocessing as mp
+
+        n = self.cfg.workers
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_worker, args=(self.pipe.source, str(self.out), self.cfg, self.sampling,
+                                                   batches[w::n], w), daemon=True) for w in range(n)]  # fmt: skip
+        for proc in procs:
+            proc.start()
+        try:
+            total = sum(len(b) for b in batches)
+            start = bar.n
+            while any(proc.is_alive() for proc in procs):
+                time.sleep(1.0)
+                made = sum(_count_lines(f) for f in self.out.glob("samples-w*.jsonl")) - self.logged_before
+                bar.update(max(0, min(made, total) - (bar.n - start)))
+        finally:
+            for proc in procs:
+                if proc.is_alive():
+                    proc.terminate()
+                proc.join()
+        if any(proc.exitcode != 0 for proc in procs):
+            raise UserError(f"an evaluation worker failed; run the same command again to resume in {self.out}")
 
     def fid(self) -> dict | None:
         n = self.cfg.fid_images
@@ -231,6 +286,7 @@ def evaluate(pipe, out_dir: str | os.PathLike, cfg: EvalConfig | None = None, *,
         _atomic_json(path, identity)
     t_start = time.perf_counter()
     run = _Run(pipe, out, cfg, sampling, judge or Judge(), progress)
+    run.logged_before = sum(_count_lines(f) for f in out.glob("samples-w*.jsonl"))
     samples = run.benchmark()
     fid = run.fid()
     correct = {}
