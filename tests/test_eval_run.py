@@ -12,13 +12,7 @@ from inkwash.eval.runner import EvalConfig, evaluate, image_seed
 from inkwash.eval.shapeseval import GENEVAL_TASKS, TASKS
 from inkwash.pipeline import load
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the shared fixture in conftest.py
 
 
 QUICK = dict(limit=1, per_prompt=2, fid_images=0, batch_size=5)

@@ -19,13 +19,7 @@ TINY_NET = {**config_to_dict(get_preset("unet-tiny")), "model_channels": 16, "nu
 TINY_TEXT = {"name": "small", "dim": 16, "layers": 1, "heads": 2, "max_length": 24}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny nets are fastest single-threaded, and far slower when threads contend for a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the shared fixture in conftest.py
 
 
 def tiny(tmp_path, **kw) -> TrainConfig:
