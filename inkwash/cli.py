@@ -1,4 +1,4 @@
-"""`inkwash generate | train | eval | leaderboard | info`: thin entry points that build objects and call the library.
+"""`inkwash generate | train | eval | leaderboard | serve | info`: thin entry points over the library.
 
 A user mistake (UserError) is printed as one sentence on stderr with exit code 2, never a traceback.
 """
@@ -106,6 +106,31 @@ def _leaderboard(args) -> None:
     print(html)
 
 
+def _serve(args) -> None:
+    import os
+
+    from .serve.app import Limits, ServeConfig, serve
+
+    arena = None
+    if args.arena:
+        path = Path(args.arena)
+        if not path.exists():
+            raise UserError(f"arena file {path} does not exist")
+        try:
+            arena = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"arena file {path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+    keys = tuple(args.api_key or ()) + tuple(k for k in os.environ.get("INKWASH_API_KEYS", "").split(",") if k)
+    limits = Limits(max_size=args.max_size, max_steps=args.max_steps, max_n=args.max_n, max_queue=args.max_queue)
+    cfg = ServeConfig(
+        models=args.model or [None], data_dir=args.data_dir, limits=limits, api_keys=keys, max_rows=args.max_batch,
+        max_active=args.max_active, precision=args.precision, device=args.device, arena=arena,
+    )  # fmt: skip
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port must be between 1 and 65535, got {args.port}")
+    serve(cfg, args.host, args.port)
+
+
 def _info(args) -> None:
     from .pipeline import load
 
@@ -170,6 +195,26 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--ascending", action="store_true")
     lb.add_argument("-o", "--output", default=None, help="folder for leaderboard.md/.html (default: the first path)")
     lb.set_defaults(fn=_leaderboard)
+
+    sv = sub.add_parser("serve", help="an OpenAI-style images API and the web studio (FastAPI + uvicorn)")
+    sv.add_argument("--model", action="append", default=None, help="a model file; repeat to serve several "
+                    "(default: the bundled model)")  # fmt: skip
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--data-dir", dest="data_dir", default="inkwash-data", help="jobs database and images")
+    sv.add_argument("--api-key", dest="api_key", action="append", help="require this key (repeatable; also "
+                    "INKWASH_API_KEYS=k1,k2)")  # fmt: skip
+    sv.add_argument("--max-batch", dest="max_batch", type=int, default=64, help="rows of one batched forward")
+    sv.add_argument("--max-active", dest="max_active", type=int, default=None,
+                    help="requests sampled at once (1: one at a time, no batching across requests)")  # fmt: skip
+    sv.add_argument("--max-size", dest="max_size", type=int, default=256)
+    sv.add_argument("--max-steps", dest="max_steps", type=int, default=100)
+    sv.add_argument("--max-n", dest="max_n", type=int, default=8)
+    sv.add_argument("--max-queue", dest="max_queue", type=int, default=256, help="waiting requests before 429")
+    sv.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    sv.add_argument("--device", default="cpu")
+    sv.add_argument("--arena", default=None, help='a JSON list of contestants {"name", "model", "settings"}')
+    sv.set_defaults(fn=_serve)
 
     i = sub.add_parser("info", help="print a model's config, parameter count and MACs per step")
     i.add_argument("model", nargs="?", default=None)

@@ -115,6 +115,25 @@ def to_pil(x: torch.Tensor) -> list[Image.Image]:
 
 
 @dataclass
+class SamplingRun:
+    """One prepared sampling call: the guided model, starting noise, time grid and settings."""
+
+    model: Guided
+    x: torch.Tensor
+    times: torch.Tensor
+    settings: Sampling
+    seeds: list[int]
+    process: Process
+
+    def __call__(self, callback: Callable | None = None) -> torch.Tensor:
+        """Run the sampler; later noise of stochastic samplers comes from a generator seeded by the first seed."""
+        gen = torch.Generator().manual_seed(self.seeds[0])
+        sampler = SAMPLERS[self.settings.sampler]
+        out = sampler(self.model, self.x, self.times, process=self.process, generator=gen, callback=callback)
+        return out.clamp(-1, 1)
+
+
+@dataclass
 class Pipeline:
     net: torch.nn.Module
     model_cfg: Any
@@ -193,6 +212,42 @@ class Pipeline:
             raise UserError(f"guidance must be >= 0, got {s.guidance}")
         return s
 
+    def prepare(
+        self,
+        prompt: str | list[str],
+        *,
+        negative_prompt: str = "",
+        n: int = 1,
+        seed: int | list[int] = 0,
+        size: int | None = None,
+        net: Callable | None = None,
+        **overrides,
+    ) -> SamplingRun:
+        """Validate, encode the text and draw the starting noise: everything `generate` samples with.
+        `net` replaces the network (the server's engine passes a stand-in that batches across requests)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise UserError("no prompts given")
+        if any(len(p) > MAX_PROMPT_CHARS for p in prompts) or len(negative_prompt) > MAX_PROMPT_CHARS:
+            raise UserError(f"the prompt is longer than {MAX_PROMPT_CHARS} characters")
+        if n < 1:
+            raise UserError(f"n must be at least 1, got {n}")
+        s = self.settings(**overrides)
+        size = self.check_size(self.image_size if size is None else size)
+        prompts = [p for p in prompts for _ in range(n)]
+        b = len(prompts)
+        seeds = [seed + i for i in range(b)] if isinstance(seed, int) else [int(s) for s in seed]
+        if len(seeds) != b:
+            raise UserError(f"{len(seeds)} seeds given for {b} images")
+        cond = text_cond(self.encoder(prompts), self.model_cfg)
+        uncond = text_cond(self.encoder([negative_prompt] * b), self.model_cfg) if s.guidance != 1 else None
+        denoiser = Denoiser(self.net if net is None else net, self.process, self.prediction)
+        times = make_times(self.process, s.steps, s.schedule)
+        shape = (1, self.channels, size, size)
+        x = torch.cat([self.process.init_noise(shape, torch.Generator().manual_seed(s), times[0]) for s in seeds])
+        model = Guided(denoiser, cond, uncond, s.guidance, s.rescale)
+        return SamplingRun(model, x.to(self.device), times, s, seeds, self.process)
+
     @torch.no_grad()
     def generate(
         self,
@@ -210,36 +265,9 @@ class Pipeline:
         `seed + i` (or `seed[i]` for a list) on the CPU, so it does not depend on the device or on the rest of
         the batch; stochastic samplers draw their later noise from one generator seeded by the first seed.
         `precision="bf16"` runs the network under bf16 autocast; the sampler's state stays float32."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise UserError("no prompts given")
-        if any(len(p) > MAX_PROMPT_CHARS for p in prompts) or len(negative_prompt) > MAX_PROMPT_CHARS:
-            raise UserError(f"the prompt is longer than {MAX_PROMPT_CHARS} characters")
-        if n < 1:
-            raise UserError(f"n must be at least 1, got {n}")
-        s = self.settings(**overrides)
-        size = self.check_size(self.image_size if size is None else size)
-        prompts = [p for p in prompts for _ in range(n)]
-        b = len(prompts)
-        seeds = [seed + i for i in range(b)] if isinstance(seed, int) else [int(s) for s in seed]
-        if len(seeds) != b:
-            raise UserError(f"{len(seeds)} seeds given for {b} images")
-        cond = text_cond(self.encoder(prompts), self.model_cfg)
-        uncond = text_cond(self.encoder([negative_prompt] * b), self.model_cfg) if s.guidance != 1 else None
-        model = Guided(Denoiser(self.net, self.process, self.prediction), cond, uncond, s.guidance, s.rescale)
-        times = make_times(self.process, s.steps, s.schedule)
-        x = torch.cat(
-            [
-                self.process.init_noise((1, self.channels, size, size), torch.Generator().manual_seed(s), times[0])
-                for s in seeds
-            ]
-        )
-        gen = torch.Generator().manual_seed(seeds[0])
+        run = self.prepare(prompt, negative_prompt=negative_prompt, n=n, seed=seed, size=size, **overrides)
         with autocast_for(precision, self.device)():
-            out = SAMPLERS[s.sampler](
-                model, x.to(self.device), times, process=self.process, generator=gen, callback=callback
-            )
-        return out.clamp(-1, 1)
+            return run(callback)
 
     def __call__(self, prompt: str | list[str], *, negative_prompt: str = "", n: int = 1, seed: int = 0,
                  size: int | None = None, callback=None, precision: str = "fp32",

@@ -18,19 +18,20 @@ def _pad_tokens(v: Tensor, length: int, value) -> Tensor:
     return F.pad(v, pad, value=value)
 
 
-def cat_cond(a: dict, b: dict) -> dict:
-    """Concatenate two conditioning dicts along the batch, padding token sequences to the longer."""
+def cat_cond(*conds: dict) -> dict:
+    """Concatenate conditioning dicts along the batch, padding token sequences to the longest."""
+    keys = set().union(*conds)
     out = {}
-    for key in a.keys() | b.keys():
-        va, vb = a.get(key), b.get(key)
-        if va is None or vb is None:
-            if va is not None or vb is not None:
-                raise ValueError(f"conditioning {key!r} is given for one half of the batch only")
+    for key in keys:
+        vs = [c.get(key) for c in conds]
+        if any(v is None for v in vs):
+            if any(v is not None for v in vs):
+                raise ValueError(f"conditioning {key!r} is given for part of the batch only")
             continue
-        if key in ("context", "context_mask") and va.shape[1] != vb.shape[1]:
-            length, fill = max(va.shape[1], vb.shape[1]), (False if key == "context_mask" else 0.0)
-            va, vb = _pad_tokens(va, length, fill), _pad_tokens(vb, length, fill)
-        out[key] = torch.cat([va, vb])
+        if key in ("context", "context_mask"):
+            length, fill = max(v.shape[1] for v in vs), (False if key == "context_mask" else 0.0)
+            vs = [_pad_tokens(v, length, fill) if v.shape[1] != length else v for v in vs]
+        out[key] = torch.cat(vs)
     return out
 
 

@@ -1,0 +1,614 @@
+"""The HTTP server: an OpenAI-style images API, jobs with live progress, a gallery, the arena and the studio.
+
+Thin over three parts: `Engine` (one per model) batches the denoising of all running requests, `Store`
+keeps jobs, results and votes durable, and `Service` (below) connects them: it validates and normalises a
+request, records it, hands it to the engine and records the outcome. Routes only translate HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hmac
+import io
+import json
+import os
+import random
+import re
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import UserError
+from ..pipeline import MAX_PROMPT_CHARS, Pipeline, load, png_parameters, save_png, to_pil
+from ..sampling import SAMPLERS
+from .engine import Cancelled, Engine, Work
+from .ranking import ranking
+from .store import TERMINAL, Store
+
+STUDIO = Path(__file__).resolve().parent / "studio"
+JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+IMAGE_NAME = re.compile(r"^\d{1,3}\.png$")
+
+
+@dataclass
+class Limits:
+    """What one request may ask for; each is refused with a 4xx and one sentence when exceeded."""
+
+    max_size: int = 256
+    max_steps: int = 100
+    max_n: int = 8
+    max_prompt_chars: int = MAX_PROMPT_CHARS
+    max_guidance: float = 30.0
+    max_body_bytes: int = 64 * 1024
+    max_queue: int = 256  # requests waiting to start; one more is answered 429
+
+
+@dataclass
+class ServeConfig:
+    models: list = field(default_factory=lambda: [None])  # model files or presets; None is the bundled model
+    data_dir: str | Path = "inkwash-data"
+    limits: Limits = field(default_factory=Limits)
+    api_keys: tuple[str, ...] = ()
+    max_rows: int = 64  # rows of one batched network forward
+    max_active: int | None = None  # requests sampled at once; 1 = no batching across requests
+    precision: str = "fp32"
+    device: str = "cpu"
+    arena: list[dict] | None = None  # contestants: {"name", "model", "settings"}; default from the models
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def _error(status: int, message: str, param=None, code=None, headers=None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+# --- request bodies (the OpenAPI schema documents them) ------------------------------------------------
+
+
+class GenerationBody(BaseModel):
+    """OpenAI's images/generations fields, plus inkwash's sampling controls."""
+
+    model_config = ConfigDict(extra="ignore")  # OpenAI's quality, style, user, ... are accepted and ignored
+
+    prompt: str = Field(description="What to draw.")
+    model: str | None = Field(None, description="A model id from /v1/models; the first model by default.")
+    n: int = Field(1, description="Images to generate (1 to the server's max_n).")
+    size: str | int | None = Field(None, description='"WxW" (square), a side in pixels, or "auto".')
+    response_format: str = Field("b64_json", description='"b64_json" or "url".')
+    negative_prompt: str = Field("", description="What to steer away from (replaces the unconditional prompt).")
+    steps: int | None = Field(None, description="Denoising steps; the model's default when absent.")
+    guidance: float | None = Field(None, description="Classifier-free guidance scale; 1 disables it.")
+    sampler: str | None = Field(None, description=f"One of {', '.join(SAMPLERS)}.")
+    schedule: str | None = Field(None, description="Time grid (trailing, karras, ...); the model's default.")
+    seed: int | None = Field(None, description="Image i uses seed + i; random when absent.")
+
+
+class MatchBody(BaseModel):
+    prompt: str
+    seed: int | None = None
+
+
+class VoteBody(BaseModel):
+    winner: str = Field(description='"left", "right" or "tie".')
+
+
+# --- the service --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Live:
+    """In-memory progress of a running job (the database holds only state changes)."""
+
+    step: int = 0
+    steps: int = 0
+    preview: torch.Tensor | None = None
+    version: int = 0
+
+
+class Service:
+    def __init__(self, cfg: ServeConfig):
+        self.cfg, self.limits = cfg, cfg.limits
+        self.store = Store(cfg.data_dir)
+        self.pipes: dict[str, Pipeline] = {}
+        for spec in cfg.models:
+            pipe = load(spec, cfg.device)
+            name = pipe.name
+            while name in self.pipes:
+                name += "+"
+            self.pipes[name] = pipe
+        self.engines = {
+            name: Engine(pipe, max_rows=cfg.max_rows, max_active=cfg.max_active, precision=cfg.precision)
+            for name, pipe in self.pipes.items()
+        }
+        self.live: dict[str, Live] = {}
+        self.waiters: dict[str, list[asyncio.Future]] = {}
+        self.cancel_requested: set[str] = set()
+        self.lock = threading.Lock()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.contestants = self._contestants(cfg.arena)
+        self.rng = random.Random()
+
+    # lifecycle
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        for engine in self.engines.values():
+            engine.start()
+        for job in self.store.unfinished():  # a restart loses nothing: interrupted jobs run again
+            if job["model"] in self.engines:
+                self._enqueue(job)
+            else:
+                self.store.finish(job["id"], "failed", error=f"model {job['model']!r} is not served any more")
+
+    def stop(self) -> None:
+        for engine in self.engines.values():
+            engine.stop()
+        self.store.close()
+
+    # requests
+    def normalise(self, body: GenerationBody) -> tuple[str, dict]:
+        """(model name, the request with every default resolved); an ApiError for anything out of bounds."""
+        lim = self.limits
+        name = body.model or next(iter(self.pipes))
+        if name not in self.pipes:
+            raise ApiError(404, f"model {name!r} is not served here; see /v1/models", "model", "model_not_found")
+        pipe = self.pipes[name]
+        prompt = body.prompt.strip()
+        if not prompt:
+            raise ApiError(400, 'the prompt is empty; say what to draw, e.g. "a red circle"', "prompt")
+        for param, text in (("prompt", body.prompt), ("negative_prompt", body.negative_prompt)):
+            if len(text) > lim.max_prompt_chars:
+                raise ApiError(400, f"{param} is longer than {lim.max_prompt_chars} characters", param)
+        if not 1 <= body.n <= lim.max_n:
+            raise ApiError(400, f"n must be between 1 and {lim.max_n}, got {body.n}", "n")
+        size = _parse_size(body.size, pipe.image_size)
+        if size > lim.max_size:
+            raise ApiError(400, f"size {size} is larger than this server's limit of {lim.max_size}", "size")
+        if body.steps is not None and not 1 <= body.steps <= lim.max_steps:
+            raise ApiError(400, f"steps must be between 1 and {lim.max_steps}, got {body.steps}", "steps")
+        if body.guidance is not None and not 0 <= body.guidance <= lim.max_guidance:
+            raise ApiError(400, f"guidance must be between 0 and {lim.max_guidance}, got {body.guidance}", "guidance")
+        if body.seed is not None and not 0 <= body.seed < 2**32:
+            raise ApiError(400, f"seed must be between 0 and {2**32 - 1}, got {body.seed}", "seed")
+        if body.response_format not in ("b64_json", "url"):
+            raise ApiError(400, f'response_format must be "b64_json" or "url", got {body.response_format!r}',
+                           "response_format")  # fmt: skip
+        try:
+            pipe.check_size(size)
+            s = pipe.settings(sampler=body.sampler, steps=body.steps, guidance=body.guidance, schedule=body.schedule)
+        except UserError as e:
+            raise ApiError(400, str(e)) from None
+        seed = self.rng.randrange(2**31) if body.seed is None else body.seed
+        return name, {
+            "prompt": prompt, "negative_prompt": body.negative_prompt, "n": body.n, "size": size, "seed": seed,
+            "sampler": s.sampler, "steps": s.steps, "guidance": s.guidance, "schedule": s.schedule,
+            "rescale": s.rescale,
+        }  # fmt: skip
+
+    def submit(self, model: str, request: dict, kind: str = "api") -> dict:
+        engine = self.engines[model]
+        if engine.queued >= self.limits.max_queue:
+            raise ApiError(429, f"the queue is full ({engine.queued} requests waiting); try again shortly",
+                           code="queue_full")  # fmt: skip
+        job = self.store.add_job(uuid.uuid4().hex, kind, model, request)
+        self._enqueue(job)
+        return job
+
+    def _enqueue(self, job: dict) -> None:
+        r, job_id = job["request"], job["id"]
+        settings = {k: r[k] for k in ("sampler", "steps", "guidance", "schedule", "rescale")}
+        self.live[job_id] = Live(steps=r["steps"])
+
+        def on_start():
+            self.store.set_running(job_id)
+
+        def on_progress(step, steps, x0):
+            live = self.live.get(job_id)
+            if live is not None:
+                live.step, live.steps, live.preview, live.version = step, steps, x0.detach().clone(), live.version + 1
+
+        def on_done(images):
+            pipe = self.pipes[job["model"]]
+            s = pipe.settings(**settings)
+            folder = self.store.images / job_id
+            files = []
+            for i, img in enumerate(to_pil(images)):
+                seed = r["seed"] + i
+                text = png_parameters(r["prompt"], r["negative_prompt"], s, seed, r["size"], job["model"])
+                img.info["parameters"] = text
+                tmp = save_png(img, folder / f".{i}.tmp.png")
+                os.replace(tmp, folder / f"{i}.png")
+                files.append({"file": f"{i}.png", "seed": seed})
+            self.store.finish(job_id, "succeeded", images=files)
+            self._finished(job_id)
+
+        def on_error(error):
+            if isinstance(error, Cancelled):
+                if job_id not in self.cancel_requested:
+                    return  # the server is stopping: the job stays queued for the next start
+                self.store.finish(job_id, "cancelled")
+            else:
+                message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+                self.store.finish(job_id, "failed", error=message)
+            self._finished(job_id)
+
+        work = Work(job_id, r["prompt"], r["negative_prompt"], r["n"], r["seed"], r["size"], settings,
+                    on_start, on_progress, on_done, on_error)  # fmt: skip
+        self.engines[job["model"]].submit(work)
+
+    def _finished(self, job_id: str) -> None:
+        live = self.live.pop(job_id, None)
+        if live is not None:
+            live.version += 1
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self._wake, job_id)
+
+    def _wake(self, job_id: str) -> None:
+        for fut in self.waiters.pop(job_id, []):
+            if not fut.done():
+                fut.set_result(None)
+
+    async def wait(self, job_id: str) -> dict:
+        """The job once it is finished."""
+        fut = asyncio.get_running_loop().create_future()
+        self.waiters.setdefault(job_id, []).append(fut)
+        job = self.store.job(job_id)
+        if job["status"] not in TERMINAL:
+            await fut
+        return self.store.job(job_id)
+
+    def cancel(self, job_id: str) -> dict:
+        job = self.get(job_id)
+        if job["status"] not in TERMINAL:
+            self.cancel_requested.add(job_id)
+            if not self.engines[job["model"]].cancel(job_id):
+                self.store.finish(job_id, "cancelled")
+                self._finished(job_id)
+        return self.store.job(job_id)
+
+    def get(self, job_id: str) -> dict:
+        job = self.store.job(job_id) if JOB_ID.match(job_id) else None
+        if job is None:
+            raise ApiError(404, f"no job {job_id!r}", code="job_not_found")
+        return job
+
+    def view(self, job: dict) -> dict:
+        """A job as the API shows it."""
+        live = self.live.get(job["id"])
+        steps = job["request"]["steps"]
+        step = live.step if live else (steps if job["status"] == "succeeded" else 0)
+        return {
+            "id": job["id"], "object": "job", "status": job["status"], "created": job["created"],
+            "finished": job["finished"], "model": job["model"], "request": job["request"],
+            "progress": {"step": step, "steps": live.steps if live and live.steps else steps},
+            "error": job["error"],
+            "images": [{"url": f"/v1/images/files/{job['id']}/{im['file']}", "seed": im["seed"]}
+                       for im in job["images"]],
+        }  # fmt: skip
+
+    def image_path(self, job_id: str, name: str) -> Path:
+        """The file of a job's image; nothing outside the image folder can be named."""
+        if not JOB_ID.match(job_id) or not IMAGE_NAME.match(name):
+            raise ApiError(404, "no such image", code="image_not_found")
+        root = self.store.images.resolve()
+        path = (root / job_id / name).resolve()
+        if not path.is_relative_to(root) or not path.is_file():
+            raise ApiError(404, "no such image", code="image_not_found")
+        return path
+
+    # arena
+    def _contestants(self, given: list[dict] | None) -> list[dict]:
+        """Who competes: given, or every model at its defaults; one model also against fewer steps and lower
+        guidance of itself, so a single-model server still has an arena."""
+        if given:
+            out = [{"name": c["name"], "model": c.get("model") or next(iter(self.pipes)),
+                    "settings": dict(c.get("settings", {}))} for c in given]  # fmt: skip
+            for c in out:
+                if c["model"] not in self.pipes:
+                    raise UserError(f"arena contestant {c['name']!r} names model {c['model']!r}, which is not served")
+            return out
+        out = [{"name": name, "model": name, "settings": {}} for name in self.pipes]
+        if len(out) == 1:
+            name, s = out[0]["name"], self.pipes[out[0]["name"]].sampling
+            out += [
+                {"name": f"{name} · {max(1, s.steps // 4)} steps", "model": name,
+                 "settings": {"steps": max(1, s.steps // 4)}},
+                {"name": f"{name} · guidance 1.5", "model": name, "settings": {"guidance": 1.5}},
+            ]  # fmt: skip
+        return out
+
+    def new_match(self, prompt: str, seed: int | None) -> dict:
+        if len(self.contestants) < 2:
+            raise ApiError(409, "the arena needs at least two contestants")
+        left, right = self.rng.sample(self.contestants, 2)
+        seed = self.rng.randrange(2**31) if seed is None else seed
+        jobs = []
+        for c in (left, right):
+            model, request = self.normalise(GenerationBody(prompt=prompt, model=c["model"], seed=seed, **c["settings"]))
+            jobs.append(self.submit(model, request, kind="arena"))
+        match_id = uuid.uuid4().hex
+        self.store.add_match(match_id, prompt, seed, (left["name"], jobs[0]["id"]), (right["name"], jobs[1]["id"]))
+        blind = ("model", "request")  # which contestant drew which side stays hidden until the vote
+        return {"id": match_id, "object": "arena.match", "prompt": prompt,
+                "left": {k: v for k, v in self.view(jobs[0]).items() if k not in blind},
+                "right": {k: v for k, v in self.view(jobs[1]).items() if k not in blind}}  # fmt: skip
+
+    def vote(self, match_id: str, winner: str) -> dict:
+        if winner not in ("left", "right", "tie"):
+            raise ApiError(400, f'winner must be "left", "right" or "tie", got {winner!r}', "winner")
+        m = self.store.match(match_id) if JOB_ID.match(match_id) else None
+        if m is None:
+            raise ApiError(404, f"no arena match {match_id!r}", code="match_not_found")
+        jobs = [self.store.job(m["left_job"]), self.store.job(m["right_job"])]
+        if any(j["status"] != "succeeded" for j in jobs):
+            raise ApiError(409, "both images must be finished before a vote", code="match_not_ready")
+        if not self.store.vote(match_id, winner):
+            raise ApiError(409, "this match already has a vote", code="already_voted")
+        return {
+            "match": {"id": match_id, "prompt": m["prompt"], "winner": winner,
+                      "left": {"contestant": m["left_name"], "job": self.view(jobs[0])},
+                      "right": {"contestant": m["right_name"], "job": self.view(jobs[1])}},
+            "ranking": self.ranking(),
+        }  # fmt: skip
+
+    def ranking(self) -> list[dict]:
+        return ranking(self.store.votes(), [c["name"] for c in self.contestants])
+
+    def models(self) -> list[dict]:
+        out = []
+        for name, pipe in self.pipes.items():
+            sizes = sorted({s for s in (pipe.image_size // 2, pipe.image_size, 2 * pipe.image_size,
+                                        4 * pipe.image_size) if _fits(pipe, s, self.limits.max_size)})  # fmt: skip
+            lim = self.limits
+            out.append({
+                "id": name, "object": "model", "owned_by": "inkwash", "image_size": pipe.image_size, "sizes": sizes,
+                "samplers": list(SAMPLERS), "defaults": {k: getattr(pipe.sampling, k) for k in
+                                                         ("sampler", "steps", "guidance", "schedule")},
+                "limits": {"max_steps": lim.max_steps, "max_n": lim.max_n, "max_prompt_chars": lim.max_prompt_chars,
+                           "max_size": lim.max_size, "max_guidance": lim.max_guidance},
+            })  # fmt: skip
+        return out
+
+
+def _fits(pipe: Pipeline, size: int, max_size: int) -> bool:
+    return 0 < size <= max_size and size % pipe.size_multiple == 0
+
+
+def _parse_size(size, default: int) -> int:
+    if size is None or size == "auto":
+        return default
+    if isinstance(size, int):
+        value = size
+    else:
+        m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", size) or re.fullmatch(r"\s*(\d+)\s*", size)
+        if m is None:
+            raise ApiError(400, f'size must look like "{default}x{default}", got {size!r}', "size")
+        if len(m.groups()) == 2 and m.group(1) != m.group(2):
+            raise ApiError(400, f"only square sizes are supported, got {size!r}", "size")
+        value = int(m.group(1))
+    if value <= 0:
+        raise ApiError(400, f"size must be positive, got {value}", "size")
+    return value
+
+
+def preview_url(x0: torch.Tensor) -> str:
+    buf = io.BytesIO()
+    to_pil(x0[None].float().clamp(-1, 1))[0].save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _sse(event: str, data) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+# --- the app ------------------------------------------------------------------------------------------
+
+
+class BodyLimit:
+    """Refuse request bodies over `limit` bytes with 413, whether announced by Content-Length or streamed."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        too_big = _error(413, f"the request body is larger than {self.limit} bytes", code="body_too_large")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await too_big(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _BodyTooLarge()
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _BodyTooLarge:
+            await too_big(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def create_app(cfg: ServeConfig | None = None, **kwargs) -> FastAPI:
+    """The FastAPI app. `create_app(models=[path], data_dir=...)` is shorthand for a ServeConfig."""
+    if cfg is None:
+        limits = kwargs.pop("limits", None) or Limits(**{k: kwargs.pop(k) for k in list(kwargs)
+                                                           if k in Limits.__dataclass_fields__})  # fmt: skip
+        cfg = ServeConfig(limits=limits, **kwargs)
+    service = Service(cfg)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        service.start(asyncio.get_running_loop())
+        yield
+        service.stop()
+
+    app = FastAPI(
+        title="inkwash",
+        summary="Text-to-image diffusion with an OpenAI-style images API, batched at every denoising step.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, e: ApiError):
+        headers = {"Retry-After": "1"} if e.status == 429 else None
+        return _error(e.status, e.message, e.param, e.code, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, e: RequestValidationError):
+        err = e.errors()[0]
+        if err.get("type") == "json_invalid":
+            return _error(400, "the request body is not valid JSON")
+        field_name = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        return _error(400, f"{field_name}: {err.get('msg', 'invalid value')}", field_name)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, e: StarletteHTTPException):
+        return _error(e.status_code, str(e.detail))
+
+    def authorised(request: Request) -> None:
+        if not cfg.api_keys:
+            return
+        header = request.headers.get("authorization", "")
+        key = header[7:] if header.lower().startswith("bearer ") else request.query_params.get("key", "")
+        if not any(hmac.compare_digest(key.encode(), k.encode()) for k in cfg.api_keys):
+            raise ApiError(401, "a valid API key is needed: send Authorization: Bearer KEY", code="invalid_api_key")
+
+    v1 = [Depends(authorised)]
+
+    @app.get("/v1/models", dependencies=v1, tags=["models"])
+    def list_models():
+        return {"object": "list", "data": service.models()}
+
+    @app.post("/v1/images/generations", dependencies=v1, tags=["images"])
+    async def generations(body: GenerationBody, request: Request):
+        """OpenAI's images API: waits for the images and returns them (`b64_json`) or links to them (`url`)."""
+        model, req = service.normalise(body)
+        job = await service.wait(service.submit(model, req)["id"])
+        if job["status"] != "succeeded":
+            raise ApiError(500 if job["status"] == "failed" else 409, job["error"] or f"the job was {job['status']}")
+        data = []
+        for im in job["images"]:
+            if body.response_format == "url":
+                url = str(request.base_url).rstrip("/") + f"/v1/images/files/{job['id']}/{im['file']}"
+                data.append({"url": url, "revised_prompt": req["prompt"], "seed": im["seed"]})
+            else:
+                raw = service.image_path(job["id"], im["file"]).read_bytes()
+                data.append({"b64_json": base64.b64encode(raw).decode(), "revised_prompt": req["prompt"],
+                             "seed": im["seed"]})  # fmt: skip
+        return {"created": int(job["created"]), "data": data, "id": job["id"], "model": model, "request": req}
+
+    @app.post("/v1/jobs", status_code=202, dependencies=v1, tags=["jobs"])
+    def create_job(body: GenerationBody):
+        """Queue a generation and return at once; follow it at /v1/jobs/{id}/events."""
+        model, req = service.normalise(body)
+        return service.view(service.submit(model, req))
+
+    @app.get("/v1/jobs/{job_id}", dependencies=v1, tags=["jobs"])
+    def get_job(job_id: str):
+        return service.view(service.get(job_id))
+
+    @app.post("/v1/jobs/{job_id}/cancel", dependencies=v1, tags=["jobs"])
+    def cancel_job(job_id: str):
+        return service.view(service.cancel(job_id))
+
+    @app.get("/v1/jobs/{job_id}/events", dependencies=v1, tags=["jobs"])
+    async def job_events(job_id: str):
+        """Server-sent events: `progress` (step, steps, a preview PNG of the first image's current estimate),
+        then one of `done`, `failed`, `cancelled` with the job."""
+        service.get(job_id)
+
+        async def stream() -> AsyncIterator[str]:
+            seen = -1
+            while True:
+                job = service.store.job(job_id)
+                if job["status"] in TERMINAL:
+                    yield _sse("done" if job["status"] == "succeeded" else job["status"], service.view(job))
+                    return
+                live = service.live.get(job_id)
+                if live is not None and live.version != seen:
+                    seen = live.version
+                    data = {"step": live.step, "steps": live.steps, "status": job["status"]}
+                    if live.preview is not None:
+                        data["preview"] = preview_url(live.preview)
+                    yield _sse("progress", data)
+                await asyncio.sleep(0.05)
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/v1/gallery", dependencies=v1, tags=["jobs"])
+    def gallery(limit: int = 48, before: float | None = None):
+        """Finished generations, newest first; page with `before` = the last one's `created`."""
+        limit = max(1, min(limit, 200))
+        return {"object": "list", "data": [service.view(j) for j in service.store.gallery(limit, before)]}
+
+    @app.get("/v1/images/files/{job_id}/{name}", dependencies=v1, tags=["images"])
+    def image_file(job_id: str, name: str):
+        return FileResponse(service.image_path(job_id, name), media_type="image/png")
+
+    @app.get("/v1/arena/contestants", dependencies=v1, tags=["arena"])
+    def contestants():
+        return {"object": "list", "data": service.contestants}
+
+    @app.post("/v1/arena/matches", dependencies=v1, tags=["arena"])
+    def new_match(body: MatchBody):
+        """The same prompt and seed through two contestants, side by side and unnamed until the vote."""
+        return service.new_match(body.prompt, body.seed)
+
+    @app.post("/v1/arena/matches/{match_id}/vote", dependencies=v1, tags=["arena"])
+    def vote(match_id: str, body: VoteBody):
+        return service.vote(match_id, body.winner)
+
+    @app.get("/v1/arena/ranking", dependencies=v1, tags=["arena"])
+    def arena_ranking():
+        """Bradley–Terry ratings (Elo scale) with 95% bootstrap intervals, from every vote so far."""
+        return {"object": "list", "data": service.ranking()}
+
+    @app.get("/healthz", tags=["server"])
+    def health():
+        return {"ok": True, "queued": {n: e.queued for n, e in service.engines.items()},
+                "running": {n: e.running for n, e in service.engines.items()}}  # fmt: skip
+
+    @app.get("/", include_in_schema=False)
+    def studio():
+        return FileResponse(STUDIO / "index.html", media_type="text/html")
+
+    app.mount("/studio", StaticFiles(directory=STUDIO, check_dir=False), name="studio")
+    app.add_middleware(BodyLimit, limit=cfg.limits.max_body_bytes)
+    return app
+
+
+def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
+    import uvicorn
+
+    app = create_app(cfg)
+    print(f"inkwash: serving {', '.join(app.state.service.pipes)} at http://{host}:{port}/ (API docs at /docs)")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
