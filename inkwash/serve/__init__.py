@@ -1,0 +1,1 @@
+"""Serving: the batching engine, request store, studio front end and arena ranking."""
