@@ -1,6 +1,7 @@
 """Shared fixtures; `gpu`-marked tests skip cleanly where CUDA is absent."""
 
 import dataclasses
+import socket
 
 import pytest
 import torch
@@ -45,3 +46,11 @@ def model_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("m") / "tiny.safetensors"
     save_model(path, {"model": net.state_dict(), "text_encoder": encoder.state_dict()}, meta)
     return path
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (for servers started by tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -294,7 +294,7 @@ class Service:
         live = self.live.get(job["id"])
         steps = job["request"]["steps"]
         step = live.step if live else (steps if job["status"] == "succeeded" else 0)
-        return {
+        out = {
             "id": job["id"], "object": "job", "status": job["status"], "created": job["created"],
             "finished": job["finished"], "model": job["model"], "request": job["request"],
             "progress": {"step": step, "steps": live.steps if live and live.steps else steps},
@@ -302,6 +302,11 @@ class Service:
             "images": [{"url": f"/v1/images/files/{job['id']}/{im['file']}", "seed": im["seed"]}
                        for im in job["images"]],
         }  # fmt: skip
+        if job["kind"] == "arena" and self.store.blind(job["id"]):  # no hints before the vote
+            for key in ("model", "request"):
+                out.pop(key)
+            out["progress"] = _percent(out["progress"])
+        return out
 
     def image_path(self, job_id: str, name: str) -> Path:
         """The file of a job's image; nothing outside the image folder can be named."""
@@ -345,10 +350,9 @@ class Service:
             jobs.append(self.submit(model, request, kind="arena"))
         match_id = uuid.uuid4().hex
         self.store.add_match(match_id, prompt, seed, (left["name"], jobs[0]["id"]), (right["name"], jobs[1]["id"]))
-        blind = ("model", "request")  # which contestant drew which side stays hidden until the vote
+        # which contestant drew which side stays hidden until the vote (see `view`)
         return {"id": match_id, "object": "arena.match", "prompt": prompt,
-                "left": {k: v for k, v in self.view(jobs[0]).items() if k not in blind},
-                "right": {k: v for k, v in self.view(jobs[1]).items() if k not in blind}}  # fmt: skip
+                "left": self.view(self.get(jobs[0]["id"])), "right": self.view(self.get(jobs[1]["id"]))}  # fmt: skip
 
     def vote(self, match_id: str, winner: str) -> dict:
         if winner not in ("left", "right", "tie"):
@@ -408,6 +412,11 @@ def _parse_size(size, default: int) -> int:
     return value
 
 
+def _percent(progress: dict) -> dict:
+    """Progress in hundredths, for arena jobs: their step counts would hint at who is who."""
+    return {"step": round(100 * progress["step"] / max(progress["steps"], 1)), "steps": 100}
+
+
 def preview_url(x0: torch.Tensor) -> str:
     buf = io.BytesIO()
     to_pil(x0[None].float().clamp(-1, 1))[0].save(buf, format="PNG")
@@ -422,37 +431,40 @@ def _sse(event: str, data) -> str:
 
 
 class BodyLimit:
-    """Refuse request bodies over `limit` bytes with 413, whether announced by Content-Length or streamed."""
+    """Refuse request bodies over `limit` bytes with 413, whether announced by Content-Length or streamed: the
+    body (small by construction) is read in full before the app sees it, then replayed."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
         too_big = _error(413, f"the request body is larger than {self.limit} bytes", code="body_too_large")
+        length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await too_big(scope, receive, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
+        chunks, seen = [], 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
+            if message["type"] != "http.request":
+                return
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
             if seen > self.limit:
-                raise _BodyTooLarge()
-            return message
+                return await too_big(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        body, replayed = b"".join(chunks), False
 
-        try:
-            await self.app(scope, counted, send)
-        except _BodyTooLarge:
-            await too_big(scope, receive, send)
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
 
-
-class _BodyTooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 def create_app(cfg: ServeConfig | None = None, **kwargs) -> FastAPI:
@@ -557,6 +569,8 @@ def create_app(cfg: ServeConfig | None = None, **kwargs) -> FastAPI:
                 if live is not None and live.version != seen:
                     seen = live.version
                     data = {"step": live.step, "steps": live.steps, "status": job["status"]}
+                    if job["kind"] == "arena" and service.store.blind(job_id):
+                        data |= _percent(data)
                     if live.preview is not None:
                         data["preview"] = preview_url(live.preview)
                     yield _sse("progress", data)

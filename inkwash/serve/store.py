@@ -116,6 +116,11 @@ class Store:
         rows = self._exec("SELECT * FROM matches WHERE id=?", (match_id,))
         return dict(rows[0]) if rows else None
 
+    def blind(self, job_id: str) -> bool:
+        """True for an arena job whose match has no vote yet (its contestant stays hidden)."""
+        rows = self._exec("SELECT 1 FROM matches WHERE (left_job=? OR right_job=?) AND winner IS NULL", (job_id,) * 2)
+        return bool(rows)
+
     def vote(self, match_id: str, winner: str) -> bool:
         """Record a vote; False if the match already has one (a vote is final)."""
         with self.lock:
