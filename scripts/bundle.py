@@ -1,14 +1,14 @@
 """Copy a trained model file into the package as the bundled default, with its sampling defaults.
 
-Usage: .venv/bin/python scripts/bundle.py runs/bundled/model.safetensors
-The sampling defaults written are the recipe's (recipes/bundled.json), so the shipped file is exactly
-what `inkwash train --config recipes/bundled.json` writes.
+Usage: .venv/bin/python scripts/bundle.py runs/bundled/model.safetensors [--recipe R] [--output FILE]
+The sampling defaults written are the recipe's (default recipes/bundled.json), so the shipped file is exactly
+what `inkwash train --config RECIPE` writes. `--output` writes elsewhere than the package's bundled model.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 from inkwash.formats.checkpoint import load_model_file, save_model, strip_prefix
@@ -17,14 +17,21 @@ from inkwash.pipeline import BUNDLED
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "bundled.json"
 
 
-def main(src: str) -> None:
+def main(src: str, recipe: Path = RECIPE, dest: Path = BUNDLED) -> None:
     meta, tensors = load_model_file(src)
-    meta["sampling"] = json.loads(RECIPE.read_text())["sampling"]
+    meta["sampling"] = json.loads(Path(recipe).read_text())["sampling"]
     parts = {p: strip_prefix(tensors, p) for p in ("model", "text_encoder")}
-    save_model(BUNDLED, {p: sd for p, sd in parts.items() if sd}, meta)
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    save_model(dest, {p: sd for p, sd in parts.items() if sd}, meta)
     step = meta["train_args"].get("step")
-    print(f"{BUNDLED} ({BUNDLED.stat().st_size / 1e6:.1f} MB, step {step}, sampling {meta['sampling']})")
+    print(f"{dest} ({dest.stat().st_size / 1e6:.1f} MB, step {step}, sampling {meta['sampling']})")
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    ap = argparse.ArgumentParser(description="Bundle a trained model file with its recipe's sampling defaults.")
+    ap.add_argument("src")
+    ap.add_argument("--recipe", type=Path, default=RECIPE)
+    ap.add_argument("--output", type=Path, default=BUNDLED)
+    a = ap.parse_args()
+    main(a.src, a.recipe, a.output)

@@ -173,3 +173,28 @@ def test_any_seed_index_and_size(seed, index, size, canonical):
     assert torch.equal(item["image"], again["image"]) and item["caption"] == again["caption"]
     assert item["scene"] == again["scene"] == ds.scene(index)[0]
     check_caption_true(ds, item["caption"], item["scene"], ds.render(item["scene"]))
+
+
+def test_caption_variants_leave_words_out_and_keep_images():
+    plain = ShapesDataset(32, seed=2)
+    varied = ShapesDataset(32, seed=2, omit_colour=0.3, omit_size=0.3, say_one=0.3)
+    a_img, a_caps, a_scenes = plain.batch(range(3000))
+    b_img, b_caps, b_scenes = varied.batch(range(3000))
+    assert torch.equal(a_img, b_img) and a_scenes == b_scenes  # images and scenes never change
+    changed = [(a, b) for a, b in zip(a_caps, b_caps) if a != b]
+    assert 0.3 < len(changed) / len(a_caps) < 0.6
+    colour_words = [w for c in COLOURS if c not in BACKGROUNDS for w in forms(c)]
+    no_colour = [b for _, b in changed if not any(re.search(rf"\b{w}\b", b) for w in colour_words)]
+    assert {"a circle", "two squares"} <= {re.sub(r"^(an image|a picture|a drawing) of ", "", c) for c in b_caps}
+    assert len(no_colour) > 0.15 * len(changed)
+    assert any(b.startswith("one ") or " of one " in b for b in b_caps)
+    for a, b in changed:  # a variant only leaves words out, or counts a single object
+        assert set(b.replace("one ", "").split()) <= set(a.split()) | {"a", "an"}, (a, b)
+    for k in range(len(b_caps)):  # the words that remain are still true of the image
+        scene, cap = b_scenes[k], b_caps[k]
+        for o in scene["objects"]:
+            assert mentions(cap, o["shape"])
+    assert [varied.scene(i)[1] for i in range(50)] == b_caps[:50]  # deterministic
+    assert ShapesDataset(32, seed=2, omit_colour=0.0).batch(range(50))[1] == a_caps[:50]  # off = unchanged
+    with pytest.raises(UserError, match="probability"):
+        ShapesDataset(32, omit_colour=1.5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -206,3 +207,43 @@ def test_ema_update_rule():
     copy = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     ema.copy_to(copy)
     assert torch.equal(copy[0].weight, ema.shadow["0.weight"]) and ema.num_updates == 1
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear"])
+def test_lr_decay_after_warm_up(tmp_path, decay):
+    cfg = tiny(tmp_path, steps=11, lr=1.0, warmup_steps=2, lr_decay=decay, lr_final=0.1)
+    lrs = [T.lr_at(cfg, s) for s in range(11)]
+    assert lrs[:3] == pytest.approx([0.5, 1.0, 1.0]) and lrs[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))  # non-increasing after warm-up
+    mid = 0.1 + 0.9 * (0.5 if decay == "linear" else 0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    assert lrs[6] == pytest.approx(mid)
+    assert [T.lr_at(tiny(tmp_path, steps=11, lr=1.0, warmup_steps=2), s) for s in range(11)][2:] == [1.0] * 9
+    with pytest.raises(UserError, match="lr_decay"):
+        tiny(tmp_path, lr_decay="step")
+    with pytest.raises(UserError, match="lr_final"):
+        tiny(tmp_path, lr_final=2.0)
+
+
+def test_data_workers_and_dataset_args_give_the_same_run(tmp_path):
+    kw = dict(text_encoder={"name": "none", "dim": 16}, steps=2, grad_accum=2, dataset_args={"omit_colour": 0.5})
+    train(tiny(tmp_path / "a", **kw))
+    train(tiny(tmp_path / "b", data_workers=2, text_cache_entries=3, **kw))
+    a, b = weights(tmp_path / "a" / "run"), weights(tmp_path / "b" / "run")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    tr = T.Trainer(tiny(tmp_path / "c", **kw))
+    assert tr.dataset.variants.omit_colour == 0.5
+    with pytest.raises(UserError, match="Unknown Shapes option"):
+        T.Trainer(tiny(tmp_path / "c", dataset_args={"omit_shape": 0.5}))
+
+
+def test_resume_accepts_a_run_saved_before_newer_options(tmp_path):
+    from inkwash.formats.checkpoint import save_state
+
+    cfg = tiny(tmp_path, steps=1, text_encoder={"name": "none", "dim": 16})
+    train(cfg)
+    meta, groups = load_state(tmp_path / "run" / "state.safetensors")
+    for k in ("dataset_args", "lr_decay", "lr_final", "data_workers", "text_cache_entries"):
+        del meta["train_args"][k]  # as written before these options existed
+    save_state(tmp_path / "run" / "state.safetensors", groups, meta)
+    train(TrainConfig(**{**cfg.__dict__, "steps": 2}), resume=True)

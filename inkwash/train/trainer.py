@@ -50,11 +50,12 @@ STATE_FILE = "state.safetensors"
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.jsonl"
 LOSS_BINS = 10  # loss reported per tenth of normalized time (0 clean .. 1 pure noise)
+LR_DECAYS = ("none", "cosine", "linear")
 
 # TrainConfig fields that may change between a run and its resumption without changing its numbers.
 RESUMABLE_CHANGES = frozenset(
     {"steps", "output_dir", "sample_every", "checkpoint_every", "log_every", "sample_prompts", "sampling"}
-    | {"device", "eval_every", "eval_prompts"}
+    | {"device", "eval_every", "eval_prompts", "data_workers", "text_cache_entries"}
 )
 
 
@@ -67,11 +68,15 @@ class TrainConfig:
     prediction: str = "eps"  # eps | v | x0 | flow
     text_encoder: str | dict = "minilm"  # encoder name or a TextEncoderConfig dict
     dataset: str = "shapes"  # "shapes" or a folder path
+    dataset_args: dict = field(default_factory=dict)  # data set options, e.g. Shapes' {"omit_colour": 0.3}
+    data_workers: int = 0  # processes that load / render batches ahead of the loop; 0 = in the loop
     image_size: int = 32
     batch_size: int = 4  # images per forward pass on one process
     grad_accum: int = 1  # forward passes per optimizer step on one process
     lr: float = 1e-4
-    warmup_steps: int = 0  # linear warm-up from 0 to lr over this many steps, then constant
+    warmup_steps: int = 0  # linear warm-up from 0 to lr over this many steps, then constant (or lr_decay)
+    lr_decay: str = "none"  # none | cosine | linear: from lr after warm-up to lr * lr_final at `steps`
+    lr_final: float = 0.0  # the decayed learning rate at the last step, as a fraction of lr
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     ema_decay: float = 0.0  # 0 = off; the model file then holds the raw weights
@@ -93,6 +98,7 @@ class TrainConfig:
     sample_prompts: tuple[str, ...] = ("a red circle", "a blue square", "a green triangle", "")
     sampling: dict = field(default_factory=lambda: {"sampler": "euler", "steps": 20, "guidance": 4.0, "schedule": None})
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    text_cache_entries: int | None = None  # frozen encoders: captions kept encoded (oldest go first); None = all
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -102,7 +108,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not (isinstance(value, int) and value > 0):
                 raise UserError(f"Training option {name} must be a positive integer, got {value!r}.")
-        for name in ("warmup_steps", "sample_every", "checkpoint_every", "eval_every"):
+        for name in ("warmup_steps", "sample_every", "checkpoint_every", "eval_every", "data_workers"):
             if getattr(self, name) < 0:
                 raise UserError(f"Training option {name} must be >= 0, got {getattr(self, name)!r}.")
         if not self.lr > 0:
@@ -115,6 +121,13 @@ class TrainConfig:
             raise UserError(f"Unknown precision {self.precision!r}; valid: fp32, bf16.")
         if self.grad_clip < 0:
             raise UserError(f"Gradient clip must be >= 0 (0 = off), got {self.grad_clip}.")
+        if self.lr_decay not in LR_DECAYS:
+            raise UserError(f"Unknown lr_decay {self.lr_decay!r}; valid: {', '.join(LR_DECAYS)}.")
+        if not (0.0 <= self.lr_final <= 1.0):
+            raise UserError(f"lr_final is a fraction of lr in [0, 1], got {self.lr_final}.")
+        if self.text_cache_entries is not None and self.text_cache_entries < 0:
+            raise UserError(f"text_cache_entries must be >= 0 (or null for no bound), got {self.text_cache_entries}.")
+        self.dataset_args = dict(self.dataset_args)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (tuples become lists)."""
@@ -170,11 +183,11 @@ class DataOrder:
         return out
 
 
-def build_dataset(spec: str, size: int, seed: int):
+def build_dataset(spec: str, size: int, seed: int, **options):
     """The training data set (a module-level hook so tests and tools can substitute their own)."""
     from inkwash.data import build_dataset as build
 
-    return build(spec, size, seed)
+    return build(spec, size, seed, **options)
 
 
 def load_batch(ds, indices: list[int]) -> tuple[torch.Tensor, list[str]]:
@@ -186,11 +199,61 @@ def load_batch(ds, indices: list[int]) -> tuple[torch.Tensor, list[str]]:
     return torch.stack([it["image"] for it in items]), [it["caption"] for it in items]
 
 
+class _Chunks(torch.utils.data.Dataset):
+    """Item i = the images and captions of the i-th (step, chunk) key, loaded in a worker process."""
+
+    def __init__(self, dataset, order: DataOrder, keys: list[tuple[int, int]], global_batch: int, batch: int):
+        self.dataset, self.order, self.keys, self.G, self.b = dataset, order, keys, global_batch, batch
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int):
+        step, k = self.keys[i]
+        images, captions = load_batch(self.dataset, self.order.indices(step * self.G + k * self.b, self.b))
+        return images, captions
+
+
+class Prefetcher:
+    """Loads the chunks of the coming steps in `workers` processes (a DataLoader), in the loop's order.
+
+    The chunks are the ones the loop would load itself (same data indices), so a run's numbers do not
+    depend on `data_workers`. `get(key)` returns the next chunk and checks that it is the one asked for.
+    """
+
+    def __init__(self, tr: Trainer, end: int, workers: int):
+        W, r = tr.dist.world, tr.dist.rank
+        self.keys = [(s, a * W + r) for s in range(tr.step, end) for a in range(tr.cfg.grad_accum)]
+        source = _Chunks(tr.dataset, tr.order, self.keys, tr.global_batch, tr.cfg.batch_size)
+        self.loader = torch.utils.data.DataLoader(
+            source, batch_size=None, shuffle=False, num_workers=workers, prefetch_factor=4,
+            pin_memory=tr.device.type == "cuda", persistent_workers=False,
+        )  # fmt: skip
+        self.it = iter(self.loader)
+        self.pos = 0
+
+    def get(self, key: tuple[int, int]) -> tuple[torch.Tensor, list[str]]:
+        if self.pos >= len(self.keys) or self.keys[self.pos] != key:
+            raise RuntimeError(f"data prefetch out of order: asked for {key}, next is {self.keys[self.pos :][:1]}")
+        self.pos += 1
+        images, captions = next(self.it)
+        return images, list(captions)
+
+    def close(self) -> None:
+        self.it = None  # shuts the worker processes down
+
+
 def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up over `warmup_steps` optimizer steps (step counts from 0), then constant."""
+    """Linear warm-up over `warmup_steps` optimizer steps (step counts from 0), then constant, or with
+    `lr_decay` a cosine or linear decay from lr to lr * lr_final at the last step (steps - 1)."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    return cfg.lr
+    if cfg.lr_decay == "none":
+        return cfg.lr
+    span = cfg.steps - 1 - cfg.warmup_steps
+    frac = min(1.0, (step - cfg.warmup_steps) / span) if span > 0 else 1.0
+    shape = 0.5 * (1 + math.cos(math.pi * frac)) if cfg.lr_decay == "cosine" else 1.0 - frac
+    return cfg.lr * (cfg.lr_final + (1.0 - cfg.lr_final) * shape)
 
 
 def _text_config(spec: str | dict) -> TextEncoderConfig:
@@ -284,7 +347,9 @@ class Trainer:
         torch.manual_seed(seed_for(cfg.seed, "init"))  # identical initial weights on every process
         encoder = build_text_encoder(self.text_cfg)
         self.trainable_text = bool(encoder.trainable)
-        self.encoder: TextEncoder = encoder if self.trainable_text else CachedTextEncoder(encoder.eval())
+        self.encoder: TextEncoder = (
+            encoder if self.trainable_text else CachedTextEncoder(encoder.eval(), max_entries=cfg.text_cache_entries)
+        )
         self.encoder.requires_grad_(self.trainable_text)
         self.model_cfg = _model_config(cfg, encoder)
         self.net: nn.Module = build_model(self.model_cfg)
@@ -301,9 +366,10 @@ class Trainer:
         self.denoiser = Denoiser(self.ddp_net, self.process, cfg.prediction)
         self.autocast = autocast_for(cfg.precision, self.device)
 
-        self.dataset = build_dataset(cfg.dataset, cfg.image_size, cfg.seed)
+        self.dataset = build_dataset(cfg.dataset, cfg.image_size, cfg.seed, **cfg.dataset_args)
         self.order = DataOrder(len(self.dataset), cfg.seed)
         self.step = 0
+        self.prefetch: Prefetcher | None = None  # set by the loop when data_workers > 0
 
     # -- set-up helpers
 
@@ -331,11 +397,14 @@ class Trainer:
         """Images and captions of chunk k of the current step (caption dropout applied)."""
         b = self.cfg.batch_size
         start = self.step * self.global_batch + k * b  # position in the sample stream
-        images, captions = load_batch(self.dataset, self.order.indices(start, b))
+        if self.prefetch is not None:
+            images, captions = self.prefetch.get((self.step, k))
+        else:
+            images, captions = load_batch(self.dataset, self.order.indices(start, b))
         if self.cfg.caption_dropout:
             drop = torch.rand(b, generator=generator_for(self.cfg.seed, "caption", self.step, k))
             captions = ["" if d < self.cfg.caption_dropout else c for c, d in zip(captions, drop.tolist())]
-        return images.to(self.device, torch.float32), captions
+        return images.to(self.device, torch.float32, non_blocking=True), captions
 
     def _micro(self, k: int, bins: torch.Tensor) -> torch.Tensor:
         """Forward + backward of chunk k; returns the summed (unscaled) loss, adds to the time bins."""
@@ -465,7 +534,8 @@ class Trainer:
             raise UserError(f"Nothing to resume: {path} does not exist (train without resume to start).")
         meta, groups = load_state(path)
         saved, now = meta["train_args"], self.cfg.to_dict()
-        changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+        defaults = TrainConfig().to_dict()  # an option newer than the saved run was at its default there
+        changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != now[k])
         if meta["world_size"] * saved["grad_accum"] != self.dist.world * self.cfg.grad_accum:
             changed.append("global batch (world size x grad_accum)")
         if changed:
@@ -601,6 +671,8 @@ def _run(tr: Trainer, *, resume: bool, max_steps: int | None) -> Path:
     bins = torch.zeros(2, LOSS_BINS, dtype=torch.float64)
     loss_sum, n, t0 = 0.0, 0, time.perf_counter()
     bar = tqdm(total=end, initial=tr.step, desc="train", disable=not tr.dist.main, dynamic_ncols=True)
+    if cfg.data_workers and tr.step < end:
+        tr.prefetch = Prefetcher(tr, end, cfg.data_workers)
     try:
         while tr.step < end:
             loss_sum += tr.train_step(bins)
@@ -621,6 +693,9 @@ def _run(tr: Trainer, *, resume: bool, max_steps: int | None) -> Path:
                     bar.write(f"step {tr.step}: ShapesEval (quick) overall {100 * rec['scores']['overall']:.1f}")
     finally:
         bar.close()
+        if tr.prefetch is not None:
+            tr.prefetch.close()
+            tr.prefetch = None
     path = tr.save()
     if tr.step == cfg.steps:
         tr.sample_grid()
