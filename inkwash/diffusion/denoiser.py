@@ -33,7 +33,7 @@ class Denoiser:
         """The network's own output at x_t (the quantity trained against `from_x0_eps`)."""
         t = torch.as_tensor(t, dtype=torch.float64)
         t_batch = t.expand(x.shape[0]) if t.dim() == 0 else t
-        scale = expand(self.process.input_scale(t_batch), x)
+        scale = expand(self.process.input_scale(t_batch), x).to(x.device)
         dtype = next(self.net.parameters()).dtype
         x_in = (x * scale).to(dtype)
         net_t = self.process.net_time(t_batch).to(device=x.device, dtype=torch.float32)
