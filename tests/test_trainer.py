@@ -228,11 +228,13 @@ def test_data_workers_and_dataset_args_give_the_same_run(tmp_path):
     kw = dict(text_encoder={"name": "none", "dim": 16}, steps=2, grad_accum=2, dataset_args={"omit_colour": 0.5})
     train(tiny(tmp_path / "a", **kw))
     train(tiny(tmp_path / "b", data_workers=2, text_cache_entries=3, **kw))
-    a, b = weights(tmp_path / "a" / "run"), weights(tmp_path / "b" / "run")
+    train(tiny(tmp_path / "n", text_cache_entries=0, **kw))  # no text cache
+    a, b, n = (weights(tmp_path / d / "run") for d in ("a", "b", "n"))
     for k in a:
-        assert torch.equal(a[k], b[k]), k
+        assert torch.equal(a[k], b[k]) and torch.equal(a[k], n[k]), k
     tr = T.Trainer(tiny(tmp_path / "c", **kw))
-    assert tr.dataset.variants.omit_colour == 0.5
+    assert tr.dataset.variants.omit_colour == 0.5 and isinstance(tr.encoder, T.CachedTextEncoder)
+    assert not isinstance(T.Trainer(tiny(tmp_path / "c", text_cache_entries=0, **kw)).encoder, T.CachedTextEncoder)
     with pytest.raises(UserError, match="Unknown Shapes option"):
         T.Trainer(tiny(tmp_path / "c", dataset_args={"omit_shape": 0.5}))
 

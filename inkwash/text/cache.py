@@ -36,12 +36,10 @@ class CachedTextEncoder(TextEncoder):
 
     def _encode(self, prompts: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         emb = self.encoder(prompts)
-        out = {}
-        for i, p in enumerate(prompts):
-            real = emb.mask[i].nonzero()
-            n = int(real.max()) + 1 if len(real) else 0  # keep up to the last real token
-            out[p] = (emb.tokens[i, :n], emb.mask[i, :n], emb.pooled[i])
-        return out
+        L = emb.mask.shape[1]
+        positions = torch.arange(1, L + 1, device=emb.mask.device)
+        ends = (emb.mask.long() * positions).amax(1).tolist()  # keep up to the last real token; one device sync
+        return {p: (emb.tokens[i, :n], emb.mask[i, :n], emb.pooled[i]) for i, (p, n) in enumerate(zip(prompts, ends))}
 
     def _evict(self) -> None:
         if self.max_entries is not None:

@@ -98,7 +98,9 @@ class TrainConfig:
     sample_prompts: tuple[str, ...] = ("a red circle", "a blue square", "a green triangle", "")
     sampling: dict = field(default_factory=lambda: {"sampler": "euler", "steps": 20, "guidance": 4.0, "schedule": None})
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    text_cache_entries: int | None = None  # frozen encoders: captions kept encoded (oldest go first); None = all
+    text_cache_entries: int | None = (
+        None  # frozen encoders: captions kept encoded (oldest go first); None = all, 0 = no cache
+    )
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -347,9 +349,10 @@ class Trainer:
         torch.manual_seed(seed_for(cfg.seed, "init"))  # identical initial weights on every process
         encoder = build_text_encoder(self.text_cfg)
         self.trainable_text = bool(encoder.trainable)
-        self.encoder: TextEncoder = (
-            encoder if self.trainable_text else CachedTextEncoder(encoder.eval(), max_entries=cfg.text_cache_entries)
-        )
+        if self.trainable_text or cfg.text_cache_entries == 0:  # 0: encode every batch afresh (no cache)
+            self.encoder: TextEncoder = encoder if self.trainable_text else encoder.eval()
+        else:
+            self.encoder = CachedTextEncoder(encoder.eval(), max_entries=cfg.text_cache_entries)
         self.encoder.requires_grad_(self.trainable_text)
         self.model_cfg = _model_config(cfg, encoder)
         self.net: nn.Module = build_model(self.model_cfg)
