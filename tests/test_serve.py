@@ -300,7 +300,7 @@ def test_200_concurrent_requests_each_match_their_single_render(model_file, tmp_
     finally:
         server.should_exit = True
         thread.join(10)
-    engine = app.state.service.engines["tiny"]
+    engine = app.state.service.engine
     pipe = Pipeline.from_file(model_file)
     worst, calls = 0, 0
     for body, r in zip(bodies, responses):
@@ -326,12 +326,12 @@ def test_200_concurrent_requests_each_match_their_single_render(model_file, tmp_
 def test_requests_join_and_leave_between_steps(model_file):
     """A request submitted while another is mid-way joins the running batch (no waiting for it to end)."""
     pipe = Pipeline.from_file(model_file)
-    engine = Engine(pipe, max_rows=64).start()
+    engine = Engine({"tiny": pipe}, max_rows=64).start()
     started, progress = {}, {"a": 0}
     done = {}
 
     def work(name, steps):
-        return Work(name, "a circle", "", 1, 3, 16, {"sampler": "euler", "steps": steps, "guidance": 2.0},
+        return Work(name, "tiny", "a circle", "", 1, 3, 16, {"sampler": "euler", "steps": steps, "guidance": 2.0},
                     on_start=lambda: started.setdefault(name, progress["a"]),
                     on_progress=lambda i, n, x0: progress.__setitem__(name, i) if name == "a" else None,
                     on_done=lambda x: done.__setitem__(name, x))  # fmt: skip

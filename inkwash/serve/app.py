@@ -127,17 +127,9 @@ class Service:
     def __init__(self, cfg: ServeConfig):
         self.cfg, self.limits = cfg, cfg.limits
         self.store = Store(cfg.data_dir)
-        self.pipes: dict[str, Pipeline] = {}
-        for spec in cfg.models:
-            pipe = load(spec, cfg.device)
-            name = pipe.name
-            while name in self.pipes:
-                name += "+"
-            self.pipes[name] = pipe
-        self.engines = {
-            name: Engine(pipe, max_rows=cfg.max_rows, max_active=cfg.max_active, precision=cfg.precision)
-            for name, pipe in self.pipes.items()
-        }
+        self.engine = Engine(lambda: _load_models(cfg), max_rows=cfg.max_rows, max_active=cfg.max_active,
+                             precision=cfg.precision).start()  # fmt: skip
+        self.pipes: dict[str, Pipeline] = self.engine.pipes
         self.live: dict[str, Live] = {}
         self.waiters: dict[str, list[asyncio.Future]] = {}
         self.cancel_requested: set[str] = set()
@@ -149,17 +141,14 @@ class Service:
     # lifecycle
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        for engine in self.engines.values():
-            engine.start()
         for job in self.store.unfinished():  # a restart loses nothing: interrupted jobs run again
-            if job["model"] in self.engines:
+            if job["model"] in self.pipes:
                 self._enqueue(job)
             else:
                 self.store.finish(job["id"], "failed", error=f"model {job['model']!r} is not served any more")
 
     def stop(self) -> None:
-        for engine in self.engines.values():
-            engine.stop()
+        self.engine.stop()
         self.store.close()
 
     # requests
@@ -203,9 +192,8 @@ class Service:
         }  # fmt: skip
 
     def submit(self, model: str, request: dict, kind: str = "api") -> dict:
-        engine = self.engines[model]
-        if engine.queued >= self.limits.max_queue:
-            raise ApiError(429, f"the queue is full ({engine.queued} requests waiting); try again shortly",
+        if self.engine.queued >= self.limits.max_queue:
+            raise ApiError(429, f"the queue is full ({self.engine.queued} requests waiting); try again shortly",
                            code="queue_full")  # fmt: skip
         job = self.store.add_job(uuid.uuid4().hex, kind, model, request)
         self._enqueue(job)
@@ -249,9 +237,9 @@ class Service:
                 self.store.finish(job_id, "failed", error=message)
             self._finished(job_id)
 
-        work = Work(job_id, r["prompt"], r["negative_prompt"], r["n"], r["seed"], r["size"], settings,
+        work = Work(job_id, job["model"], r["prompt"], r["negative_prompt"], r["n"], r["seed"], r["size"], settings,
                     on_start, on_progress, on_done, on_error)  # fmt: skip
-        self.engines[job["model"]].submit(work)
+        self.engine.submit(work)
 
     def _finished(self, job_id: str) -> None:
         live = self.live.pop(job_id, None)
@@ -278,7 +266,7 @@ class Service:
         job = self.get(job_id)
         if job["status"] not in TERMINAL:
             self.cancel_requested.add(job_id)
-            if not self.engines[job["model"]].cancel(job_id):
+            if not self.engine.cancel(job_id):
                 self.store.finish(job_id, "cancelled")
                 self._finished(job_id)
         return self.store.job(job_id)
@@ -389,6 +377,18 @@ class Service:
                            "max_size": lim.max_size, "max_guidance": lim.max_guidance},
             })  # fmt: skip
         return out
+
+
+def _load_models(cfg: ServeConfig) -> dict[str, Pipeline]:
+    """The served pipelines by unique name (run on the engine's thread)."""
+    pipes: dict[str, Pipeline] = {}
+    for spec in cfg.models:
+        pipe = load(spec, cfg.device)
+        name = pipe.name
+        while name in pipes:
+            name += "+"
+        pipes[name] = pipe
+    return pipes
 
 
 def _fits(pipe: Pipeline, size: int, max_size: int) -> bool:
@@ -608,8 +608,7 @@ def create_app(cfg: ServeConfig | None = None, **kwargs) -> FastAPI:
 
     @app.get("/healthz", tags=["server"])
     def health():
-        return {"ok": True, "queued": {n: e.queued for n, e in service.engines.items()},
-                "running": {n: e.running for n, e in service.engines.items()}}  # fmt: skip
+        return {"ok": True, "queued": service.engine.queued, "running": service.engine.running}
 
     @app.get("/", include_in_schema=False)
     def studio():

@@ -1,22 +1,30 @@
 """Step-level continuous batching: every request keeps its own sampler, all requests share each network forward.
 
-Each admitted request runs the ordinary sampler (`Pipeline.prepare` + `SamplingRun`) in a thread of its own,
-with a stand-in for the network: calling it hands (x, t, conditioning) to the engine and waits. The engine
-thread waits until every running request is either waiting at such a call or finished, concatenates all the
-waiting inputs (padding token sequences), runs the real network once, and hands each request its rows. So
-requests with different prompts, seeds, guidance, samplers and step counts join and leave between any two
-network calls, as LLM servers do for tokens, and no sampler needs to know (Heun's two calls per step and
-DPM-Solver's history work unchanged). `max_active=1` is the plain server: one request at a time.
+Each admitted request runs the ordinary sampler (`Pipeline.prepare` + `SamplingRun`) as a greenlet (a
+coroutine with its own stack) on the engine's one thread, with a stand-in for the network: calling it
+switches back to the engine with (x, t, conditioning). Once every running request is parked at such a call
+or finished, the engine concatenates the waiting inputs of each model (padding token sequences), runs the
+real network once, and resumes each request with its rows. So requests with different prompts, seeds,
+guidance, samplers and step counts join and leave between any two network calls, as LLM servers do for
+tokens, and no sampler needs to know (Heun's two calls per step and DPM-Solver's history work unchanged).
+`max_active=1` is the plain server: one request at a time.
+
+One thread does all tensor work, model loading included. Two reasons, both measured on a 2-core CPU:
+hand-offs between threads cost more than a forward of the bundled model, and with libgomp (PyTorch's
+OpenMP) a second thread that has ever run a parallel op makes every op of the first about 2x slower.
 """
 
 from __future__ import annotations
 
+import atexit
 import collections
 import threading
 import time
+import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+import greenlet
 import torch
 
 from ..pipeline import Pipeline, autocast_for
@@ -26,14 +34,16 @@ Tensor = torch.Tensor
 
 
 class Cancelled(Exception):
-    """Raised inside a request's sampler thread when the request was cancelled."""
+    """Raised inside a request's sampler when the request was cancelled or the engine is stopping."""
 
 
 @dataclass
 class Work:
-    """One request for the engine. Callbacks run on the request's thread; `on_start` when it is admitted."""
+    """One request. Callbacks run on the engine's thread: `on_start` when admitted, then progress per step,
+    then exactly one of `on_done` (images [n, 3, H, W] in [-1, 1]) or `on_error`."""
 
     id: str
+    model: str
     prompt: str
     negative_prompt: str
     n: int
@@ -54,77 +64,83 @@ class Work:
 @dataclass
 class _Slot:
     work: Work
-    state: str = "computing"  # computing -> waiting (a network call is pending) -> ... -> done
-    call: tuple | None = None
-    result: Tensor | None = None
-    cancelled: bool = False
-    error: BaseException | None = None  # a failed shared forward
-    ready: threading.Event = field(default_factory=threading.Event)
+    task: greenlet.greenlet
+    call: tuple | None = None  # (x, t, cond) while parked at a network call; None once finished
 
 
 class _SharedNet:
     """The stand-in network handed to one request's denoiser: the same call, answered by the shared forward."""
 
-    def __init__(self, engine: Engine, slot: _Slot):
-        self.engine, self.slot = engine, slot
+    def __init__(self, engine: Engine, net: torch.nn.Module):
+        self.engine, self.net = engine, net
 
     def parameters(self):
-        return self.engine.pipe.net.parameters()
+        return self.net.parameters()
 
     def __call__(self, x: Tensor, t: Tensor, **cond) -> Tensor:
-        return self.engine._call(self.slot, x, t, cond)
+        return self.engine.loop_task.switch((x, t, cond))  # park until the engine resumes us with our rows
 
 
 class Engine:
-    """Runs requests for one pipeline. `max_rows` bounds the rows of one network forward (a request is admitted
-    only while its rows fit, or when nothing else runs); `max_active` bounds requests sampled at once."""
+    """Runs requests for named pipelines on one thread. `load` builds the pipelines there (a dict, or a function
+    returning one). `max_rows` bounds the rows of one forward (a request is admitted only while its rows fit,
+    or when nothing else runs); `max_active` bounds the requests sampled at once."""
 
-    def __init__(self, pipe: Pipeline, *, max_rows: int = 64, max_active: int | None = None, precision="fp32"):
-        self.pipe, self.max_rows, self.max_active = pipe, max_rows, max_active
-        self.autocast = autocast_for(precision, pipe.device)
+    def __init__(self, load: dict[str, Pipeline] | Callable[[], dict[str, Pipeline]], *, max_rows: int = 64,
+                 max_active: int | None = None, precision: str = "fp32"):  # fmt: skip
+        self._load = load if callable(load) else (lambda: load)
+        self.pipes: dict[str, Pipeline] = {}
+        self.max_rows, self.max_active, self.precision = max_rows, max_active, precision
         self.queue: collections.deque[Work] = collections.deque()
         self.active: list[_Slot] = []
-        self.cv = threading.Condition()
-        self.text_lock = threading.Lock()  # tokenizers are not safe to share between threads
+        self.cv = threading.Condition()  # guards `queue`, `active` and `cancels` between threads
+        self.cancels: set[str] = set()
         self.stopped = False
         self.forwards = 0  # network calls made, and rows they carried (for benchmarks)
         self.rows_done = 0
-        self.thread = threading.Thread(target=self._loop, name=f"engine-{pipe.name}", daemon=True)
+        self.loop_task: greenlet.greenlet | None = None
+        self.ready = threading.Event()
+        self.load_error: BaseException | None = None
+        self.thread = threading.Thread(target=self._main, name="inkwash-engine", daemon=True)
 
-    # --- the public side ----------------------------------------------------------------------------
+    # --- the public side (any thread) ---------------------------------------------------------------
 
     def start(self) -> Engine:
+        """Start the thread and wait for the models; a loading error is raised here."""
         self.thread.start()
+        atexit.register(self.stop)  # end the requests' greenlets before the interpreter goes
+        self.ready.wait()
+        if self.load_error is not None:
+            raise self.load_error
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop between two forwards; running requests end with Cancelled, queued ones are left alone."""
         with self.cv:
             self.stopped = True
-            for slot in self.active:
-                slot.cancelled = True
-                slot.ready.set()
             self.cv.notify_all()
-        self.thread.join(timeout)
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join(timeout)
 
     def submit(self, work: Work) -> None:
+        if work.model not in self.pipes:
+            raise KeyError(f"model {work.model!r} is not loaded")
         with self.cv:
             self.queue.append(work)
             self.cv.notify_all()
 
     def cancel(self, work_id: str) -> bool:
-        """Drop a queued request, or stop a running one at its next network call. True if it was found."""
+        """Drop a queued request, or stop a running one before its next network call. True if it was found."""
         with self.cv:
             for w in self.queue:
                 if w.id == work_id:
                     self.queue.remove(w)
                     w.on_error(Cancelled())
                     return True
-            for slot in self.active:
-                if slot.work.id == work_id:
-                    slot.cancelled = True
-                    slot.ready.set()
-                    self.cv.notify_all()
-                    return True
+            if any(s.work.id == work_id for s in self.active):
+                self.cancels.add(work_id)
+                self.cv.notify_all()
+                return True
         return False
 
     @property
@@ -135,103 +151,112 @@ class Engine:
     def running(self) -> int:
         return len(self.active)
 
-    # --- the request's side (its own thread) --------------------------------------------------------
-
-    def _call(self, slot: _Slot, x: Tensor, t: Tensor, cond: dict) -> Tensor:
+    def idle(self) -> bool:
         with self.cv:
-            if slot.cancelled:
-                raise Cancelled()
-            slot.call, slot.result, slot.state = (x, t, cond), None, "waiting"
-            slot.ready.clear()
-            self.cv.notify_all()
-        slot.ready.wait()
-        if slot.error is not None:
-            raise slot.error
-        if slot.cancelled or slot.result is None:
-            raise Cancelled()
-        return slot.result
+            return not self.queue and not self.active
 
-    def _run(self, slot: _Slot) -> None:
-        w = slot.work
+    # --- the engine's thread ------------------------------------------------------------------------
+
+    def _main(self) -> None:
         try:
-            with torch.inference_mode():
-                with self.text_lock:
-                    run = self.pipe.prepare(w.prompt, negative_prompt=w.negative_prompt, n=w.n, seed=w.seed,
-                                            size=w.size, net=_SharedNet(self, slot), **w.settings)  # fmt: skip
-                images = run(lambda i, steps, x, x0: w.on_progress(i + 1, steps, x0[0]))
+            self.pipes = dict(self._load())
+            self.autocasts = {name: autocast_for(self.precision, p.device) for name, p in self.pipes.items()}
+        except BaseException as e:  # noqa: B036 - handed to start()
+            self.load_error = e
+            return
+        finally:
+            self.ready.set()
+        self.loop_task = greenlet.getcurrent()
+        with torch.inference_mode():
+            self._loop()
+
+    def _run(self, w: Work) -> None:
+        """A request's whole life, as a greenlet: prepare, sample (parking at every network call), report."""
+        try:
+            pipe = self.pipes[w.model]
+            run = pipe.prepare(w.prompt, negative_prompt=w.negative_prompt, n=w.n, seed=w.seed, size=w.size,
+                               net=_SharedNet(self, pipe.net), **w.settings)  # fmt: skip
+            images = run(lambda i, steps, x, x0: w.on_progress(i + 1, steps, x0[0]))
             w.on_done(images)
         except BaseException as e:  # noqa: B036 - a request's failure must never stop the engine
-            w.on_error(e)
-        finally:
-            with self.cv:
-                slot.state = "done"
-                self.cv.notify_all()
+            try:
+                w.on_error(e)
+            except Exception:
+                traceback.print_exc()
 
-    # --- the engine's side --------------------------------------------------------------------------
+    def _resume(self, slot: _Slot, value: Tensor | None = None, error: BaseException | None = None) -> None:
+        """Run one request until it parks at its next network call or finishes."""
+        if error is not None:
+            call = slot.task.throw(error)
+        else:
+            call = slot.task.switch() if value is None else slot.task.switch(value)
+        slot.call = None if slot.task.dead else call
 
     def _admit(self) -> None:
-        rows = sum(s.work.rows for s in self.active)
-        while self.queue and (self.max_active is None or len(self.active) < self.max_active):
-            w = self.queue[0]
-            if self.active and rows + w.rows > self.max_rows:
-                break
-            self.queue.popleft()
-            slot = _Slot(w)
-            self.active.append(slot)
-            rows += w.rows
-            w.on_start()
-            threading.Thread(target=self._run, args=(slot,), name=f"job-{w.id[:8]}", daemon=True).start()
-
-    def _settled(self) -> bool:
-        return self.stopped or (bool(self.active) and all(s.state != "computing" for s in self.active))
+        with self.cv:
+            rows, new = sum(s.work.rows for s in self.active), []
+            while self.queue and (self.max_active is None or len(self.active) < self.max_active):
+                w = self.queue[0]
+                if self.active and rows + w.rows > self.max_rows:
+                    break
+                self.queue.popleft()
+                new.append(_Slot(w, greenlet.greenlet(lambda w=w: self._run(w))))
+                self.active.append(new[-1])
+                rows += w.rows
+        for slot in new:
+            slot.work.on_start()
+            self._resume(slot)
 
     def _loop(self) -> None:
         while True:
             with self.cv:
-                self.active = [s for s in self.active if s.state != "done"]
-                self._admit()
-                self.cv.wait_for(lambda: self._settled() or (not self.active and self.queue))
+                self.cv.wait_for(lambda: self.stopped or self.queue or self.active)
                 if self.stopped:
-                    return
-                self.active = [s for s in self.active if s.state != "done"]
-                batch = [s for s in self.active if s.state == "waiting"]
-                for s in batch:
-                    s.state = "computing"
-            for s in [s for s in batch if s.cancelled]:
-                s.ready.set()
-            batch = [s for s in batch if not s.cancelled]
-            if batch:
-                self._forward(batch)
+                    break
+                cancels, self.cancels = self.cancels, set()
+            self._admit()
+            for s in self.active:
+                if s.call is not None and s.work.id in cancels:
+                    self._resume(s, error=Cancelled())
+            self._drop_finished()
+            if self.active:
+                self._forward(self.active)
+                self._drop_finished()
+        for s in self.active:  # stopping: running requests end here (a server keeps their jobs queued)
+            if s.call is not None:
+                self._resume(s, error=Cancelled())
+        self._drop_finished()
+
+    def _drop_finished(self) -> None:
+        with self.cv:
+            self.active = [s for s in self.active if s.call is not None]
 
     def _forward(self, batch: list[_Slot]) -> None:
-        """One network forward per input shape over all waiting requests; each gets its own rows back."""
+        """One network forward per model and input shape over all parked requests; then each resumes."""
         groups: dict[tuple, list[_Slot]] = {}
         for s in batch:
             x, _, cond = s.call
-            groups.setdefault((tuple(x.shape[1:]), x.dtype, tuple(sorted(cond))), []).append(s)
-        for slots in groups.values():
+            groups.setdefault((s.work.model, tuple(x.shape[1:]), x.dtype, tuple(sorted(cond))), []).append(s)
+        for (model, *_), slots in groups.items():
+            xs, ts, conds = zip(*(s.call for s in slots))
             try:
-                xs, ts, conds = zip(*(s.call for s in slots))
-                with torch.inference_mode(), self.autocast():
-                    out = self.pipe.net(torch.cat(xs), torch.cat(ts), **cat_cond(*conds))
-                self.forwards += 1
-                self.rows_done += out.shape[0]
-                for s, part in zip(slots, out.split([x.shape[0] for x in xs])):
-                    s.result = part
+                with self.autocasts[model]():
+                    out = self.pipes[model].net(torch.cat(xs), torch.cat(ts), **cat_cond(*conds))
             except Exception as e:  # a bad forward fails only these requests
                 for s in slots:
-                    s.result, s.error = None, e
-            for s in slots:
-                s.call = None
-                s.ready.set()
+                    self._resume(s, error=e)
+                continue
+            self.forwards += 1
+            self.rows_done += out.shape[0]
+            for s, part in zip(slots, out.split([x.shape[0] for x in xs])):
+                self._resume(s, part)
 
 
 def wait_idle(engine: Engine, timeout: float = 60.0) -> bool:
     """True once nothing is queued or running (for tests and orderly shutdown)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        with engine.cv:
-            if not engine.queue and not engine.active:
-                return True
+        if engine.idle():
+            return True
         time.sleep(0.01)
     return False
