@@ -29,10 +29,11 @@ export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 LOGS=$RUN/logs; mkdir -p "$LOGS"
 MINILM=${MINILM:-}
 if [ -z "$MINILM" ] && [ -f .minilm-fp16/config.json ]; then MINILM=.minilm-fp16; fi
-if [ -n "$MINILM" ] && [ -f "$MINILM/model.safetensors.gz" ] && [ ! -f "$MINILM/model.safetensors" ]; then
-  # The carried copy is gzipped (it must fit the 64 MiB that travels); unpack it beside the run.
+packed=$(ls "$MINILM"/model.safetensors.{xz,gz} 2>/dev/null | head -1 || true)
+if [ -n "$MINILM" ] && [ -n "$packed" ] && [ ! -f "$MINILM/model.safetensors" ]; then
+  # The carried copy is compressed (it must fit the 64 MiB that travels); unpack it beside the run.
   mkdir -p "$RUN/minilm" && cp "$MINILM"/*.json "$MINILM"/*.txt "$RUN/minilm/"
-  gzip -dc "$MINILM/model.safetensors.gz" > "$RUN/minilm/model.safetensors"
+  case "$packed" in *.xz) xz -dc "$packed" ;; *) gzip -dc "$packed" ;; esac > "$RUN/minilm/model.safetensors"
   MINILM=$RUN/minilm
 fi
 [ -n "$MINILM" ] && export INKWASH_MINILM_DIR=$MINILM
