@@ -40,7 +40,7 @@ def start_server(args, extra: list[str], data_dir: str) -> tuple[subprocess.Pope
     cmd = [sys.executable, "-m", "inkwash.cli", "serve", "--port", str(port), "--data-dir", data_dir, *extra]
     if args.model:
         cmd += ["--model", args.model]
-    cmd += ["--device", args.device]
+    cmd += ["--device", args.device, "--precision", args.precision]
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -88,16 +88,20 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=3, help="requests per client")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--device", default="cpu", help="where the server runs the model (cpu, cuda)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the server")
+    p.add_argument("--order", nargs=2, default=["one_at_a_time", "batched"], help="which server runs first")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     body = {"n": 1} | ({"steps": args.steps} if args.steps else {})
     results = {}
-    for mode, extra in (("batched", []), ("one_at_a_time", ["--max-active", "1"])):
+    modes = {"batched": [], "one_at_a_time": ["--max-active", "1"]}
+    for mode in args.order:
+        extra = modes[mode]
         with tempfile.TemporaryDirectory() as data_dir:
             proc, url = start_server(args, extra, data_dir)
             try:
-                asyncio.run(load(url, 1, 1, 10_000, body))  # warm-up
+                asyncio.run(load(url, 1, 3, 10_000, body))  # warm-up
                 results[mode] = [asyncio.run(load(url, c, args.requests, 0, body)) for c in args.clients]
             finally:
                 proc.terminate()
@@ -112,7 +116,8 @@ def main() -> None:
 
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{os.cpu_count()}-core CPU"
     out = {"results": results, "torch": torch.__version__, "device": device, "threads": args.threads or os.cpu_count(),
-           "requests_per_client": args.requests, "steps": args.steps or "model default"}  # fmt: skip
+           "requests_per_client": args.requests, "precision": args.precision,
+           "steps": args.steps or "model default"}  # fmt: skip
     print(json.dumps(out))
     if args.out:
         with open(args.out, "w") as f:

@@ -77,3 +77,32 @@ def test_user_mistakes_get_one_sentence_and_exit_2(argv, needle, model_file, tmp
     assert code == 2
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert needle.lower() in err.lower(), err
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["serve", "--model", "MISSING/nothing.safetensors"], "does not exist"),
+        (["serve", "--model", "FOREIGN"], "without inkwash metadata"),
+        (["serve", "--port", "0"], "--port must be between 1 and 65535"),
+        (["serve", "--arena", "MISSING/arena.json"], "arena file MISSING/arena.json does not exist"),
+        (["serve", "--arena", "ARENA:{not json"], "is not valid JSON"),
+        (["serve", "--arena", 'ARENA:{"name": "a"}'], "must be a JSON list of"),
+        (["serve", "--arena", 'ARENA:[{"name": "a", "model": "sdxl"}]'], "names model 'sdxl', which is not served"),
+        (["serve", "--arena", 'ARENA:[{"name": "a", "settings": {"steps": 500}}]'], "steps must be between 1 and 100"),
+    ],
+)
+def test_serve_mistakes_get_one_sentence_and_exit_2(argv, needle, model_file, tmp_path, capsys):
+    def subst(a):
+        if a.startswith("ARENA:"):
+            (tmp_path / "arena.json").write_text(a[6:])
+            return str(tmp_path / "arena.json")
+        return {"FOREIGN": str(_foreign(tmp_path))}.get(a, a)
+
+    argv = [subst(a) for a in argv]
+    if "--model" not in argv:
+        argv += ["--model", str(model_file)]
+    code, out, err = run(capsys, *argv, "--data-dir", str(tmp_path / "data"))
+    assert code == 2
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert needle.lower() in err.lower(), err

@@ -16,7 +16,6 @@ import json
 import os
 import random
 import re
-import threading
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -127,16 +126,24 @@ class Service:
     def __init__(self, cfg: ServeConfig):
         self.cfg, self.limits = cfg, cfg.limits
         self.store = Store(cfg.data_dir)
-        self.engine = Engine(lambda: _load_models(cfg), max_rows=cfg.max_rows, max_active=cfg.max_active,
-                             precision=cfg.precision).start()  # fmt: skip
+        engine = Engine(lambda: _load_models(cfg), max_rows=cfg.max_rows, max_active=cfg.max_active,
+                        precision=cfg.precision)  # fmt: skip
+        try:
+            self.engine = engine.start()
+        except BaseException:
+            self.store.close()
+            raise
         self.pipes: dict[str, Pipeline] = self.engine.pipes
         self.live: dict[str, Live] = {}
         self.waiters: dict[str, list[asyncio.Future]] = {}
         self.cancel_requested: set[str] = set()
-        self.lock = threading.Lock()
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.contestants = self._contestants(cfg.arena)
         self.rng = random.Random()
+        try:
+            self.contestants = self._contestants(cfg.arena)
+        except UserError:
+            self.stop()
+            raise
 
     # lifecycle
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -311,11 +318,18 @@ class Service:
         """Who competes: given, or every model at its defaults; one model also against fewer steps and lower
         guidance of itself, so a single-model server still has an arena."""
         if given:
-            out = [{"name": c["name"], "model": c.get("model") or next(iter(self.pipes)),
-                    "settings": dict(c.get("settings", {}))} for c in given]  # fmt: skip
+            shape = 'the arena file must be a JSON list of {"name", "model", "settings"} objects'
+            if not isinstance(given, list) or not all(isinstance(c, dict) and "name" in c for c in given):
+                raise UserError(shape)
+            out = [{"name": str(c["name"]), "model": c.get("model") or next(iter(self.pipes)),
+                    "settings": dict(c.get("settings") or {})} for c in given]  # fmt: skip
             for c in out:
                 if c["model"] not in self.pipes:
                     raise UserError(f"arena contestant {c['name']!r} names model {c['model']!r}, which is not served")
+                try:
+                    self.normalise(GenerationBody(prompt="a check", model=c["model"], **c["settings"]))
+                except (ApiError, ValueError) as e:
+                    raise UserError(f"arena contestant {c['name']!r} has settings this server refuses: {e}") from None
             return out
         out = [{"name": name, "model": name, "settings": {}} for name in self.pipes]
         if len(out) == 1:
