@@ -32,18 +32,40 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def model_file(tmp_path_factory):
-    """A tiny untrained text-to-image model file, written as the trainer writes them."""
+    """A tiny untrained text-to-image model file, written as the trainer writes them. Its zero-initialised
+    output layers make the network's output exactly 0: use `lively_model_file` where that matters."""
+    return _tiny_model_file(tmp_path_factory.mktemp("m") / "tiny.safetensors", lively=False)
+
+
+@pytest.fixture(scope="session")
+def lively_model_file(tmp_path_factory):
+    """The tiny model with every weight drawn at random, so its output depends on x, t and the text: what a
+    test needs to see rows of a batch mixed up. It predicts x0, so its images stay in range rather than
+    saturate as a random eps estimate makes them."""
+    return _tiny_model_file(tmp_path_factory.mktemp("m") / "tiny.safetensors", lively=True)
+
+
+def _tiny_model_file(path, lively: bool):
     torch.manual_seed(0)
     text_cfg = TextEncoderConfig(name="small", dim=32, layers=1, heads=2)
     encoder = build_text_encoder(text_cfg)
     cfg = dataclasses.replace(get_preset("unet-tiny"), context_dim=encoder.dim)
     net = build_model(cfg)
     meta = {
-        "model": config_to_dict(cfg), "process": VP().to_dict(), "prediction": "eps",
+        "model": config_to_dict(cfg), "process": VP().to_dict(), "prediction": "x0" if lively else "eps",
         "text_encoder": text_cfg.to_dict(), "image_size": 16, "channels": 3,
         "sampling": {"sampler": "euler", "steps": 3, "guidance": 2.0, "schedule": None}, "train_args": {},
     }  # fmt: skip
-    path = tmp_path_factory.mktemp("m") / "tiny.safetensors"
+    if lively:
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                if p.dim() > 1:
+                    p.normal_(0, p[0].numel() ** -0.5)
+                elif "norm" in name and name.endswith("weight"):
+                    p.normal_(1, 0.1)
+                else:
+                    p.normal_(0, 0.1)
+            net.conv_out.weight.mul_(0.3)  # x0 estimates well inside [-1, 1]
     save_model(path, {"model": net.state_dict(), "text_encoder": encoder.state_dict()}, meta)
     return path
 
