@@ -28,8 +28,8 @@ def test_generate_writes_png_with_parameters(model_file, tmp_path, capsys):
     assert params.startswith("a red circle\nSteps: 3, Sampler: euler, CFG scale: 2.0, Seed: 0, Size: 16x16")
 
 
-def test_same_seed_same_image_any_batch(model_file):
-    pipe = inkwash.load(model_file)
+def test_same_seed_same_image_any_batch(lively_model_file):
+    pipe = inkwash.load(lively_model_file)
     a = pipe.generate("a blue square", seed=5, n=1)
     b = pipe.generate("a blue square", seed=4, n=2)  # image 1 of this batch has seed 5
     assert torch.allclose(a[0], b[1], atol=1e-5)

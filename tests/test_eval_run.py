@@ -18,9 +18,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # the shared fixture in conf
 QUICK = dict(limit=1, per_prompt=2, fid_images=0, batch_size=5)
 
 
-def test_eval_writes_result_report_and_images(model_file, tmp_path, capsys):
+def test_eval_writes_result_report_and_images(lively_model_file, tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["eval", str(model_file), "--limit", "1", "--per-prompt", "2", "--fid", "0", "-o", str(out)])
+    code = main(["eval", str(lively_model_file), "--limit", "1", "--per-prompt", "2", "--fid", "0", "-o", str(out)])
     assert code == 0
     result = json.loads((out / "result.json").read_text())
     assert result["format"] == "inkwash-eval/1" and result["benchmark"] == "shapeseval-v1"
@@ -38,8 +38,8 @@ def test_eval_writes_result_report_and_images(model_file, tmp_path, capsys):
     assert "overall" in printed and "s/image" in printed
 
 
-def test_interrupted_eval_resumes_without_redoing_work(model_file, tmp_path, monkeypatch):
-    pipe = load(model_file)
+def test_interrupted_eval_resumes_without_redoing_work(lively_model_file, tmp_path, monkeypatch):
+    pipe = load(lively_model_file)
     full = evaluate(pipe, tmp_path / "a", EvalConfig(**QUICK), progress=False, report=False)
 
     calls = []
@@ -68,8 +68,8 @@ def test_interrupted_eval_resumes_without_redoing_work(model_file, tmp_path, mon
     assert resumed["scores"]["overall"]["mean"] == pytest.approx(full["scores"]["overall"]["mean"], abs=0.5)
 
 
-def test_eval_refuses_a_folder_with_other_settings(model_file, tmp_path):
-    pipe = load(model_file)
+def test_eval_refuses_a_folder_with_other_settings(lively_model_file, tmp_path):
+    pipe = load(lively_model_file)
     evaluate(pipe, tmp_path, EvalConfig(**QUICK, tasks=("colors",)), progress=False, report=False)
     with pytest.raises(UserError, match=r"other settings \(guidance\)"):
         evaluate(pipe, tmp_path, EvalConfig(**QUICK, tasks=("colors",), guidance=7.0), progress=False)
@@ -78,24 +78,24 @@ def test_eval_refuses_a_folder_with_other_settings(model_file, tmp_path):
     assert more["scores"]["colors"]["images"] == 3 and more["scores"]["counting"]["images"] == 3
 
 
-def test_seeds_are_fixed_by_prompt_not_by_task_selection(model_file, tmp_path):
-    pipe = load(model_file)
+def test_seeds_are_fixed_by_prompt_not_by_task_selection(lively_model_file, tmp_path):
+    pipe = load(lively_model_file)
     one = evaluate(pipe, tmp_path / "one", EvalConfig(**QUICK, tasks=("counting",)), progress=False, report=False)
     (rec,) = [r for r in one["samples"] if r["k"] == 1]
     assert rec["seed"] == image_seed(EvalConfig(), 0 + 49 + 70, 1)  # counting starts after 49 + 70 prompts
     assert set(one["scores"]) == {"overall", "counting"}
 
 
-def test_bad_eval_options_are_one_sentence(model_file, tmp_path, capsys):
-    assert main(["eval", str(model_file), "--tasks", "colours", "-o", str(tmp_path)]) == 2
+def test_bad_eval_options_are_one_sentence(lively_model_file, tmp_path, capsys):
+    assert main(["eval", str(lively_model_file), "--tasks", "colours", "-o", str(tmp_path)]) == 2
     assert "Unknown ShapesEval task" in capsys.readouterr().err
-    assert main(["eval", str(model_file), "--per-prompt", "0", "-o", str(tmp_path)]) == 2
+    assert main(["eval", str(lively_model_file), "--per-prompt", "0", "-o", str(tmp_path)]) == 2
     assert main(["leaderboard", str(tmp_path / "nothing-here")]) == 2
 
 
-def test_leaderboard_lists_runs(model_file, tmp_path, capsys):
+def test_leaderboard_lists_runs(lively_model_file, tmp_path, capsys):
     for g in ("1", "3"):
-        args = ["eval", str(model_file), "--limit", "1", "--per-prompt", "1", "--fid", "0", "--guidance", g]
+        args = ["eval", str(lively_model_file), "--limit", "1", "--per-prompt", "1", "--fid", "0", "--guidance", g]
         assert main([*args, "--tasks", *GENEVAL_TASKS[:2], "-o", str(tmp_path / f"g{g}")]) == 0
     capsys.readouterr()
     assert main(["leaderboard", str(tmp_path), "--sort", "guidance"]) == 0
@@ -127,8 +127,8 @@ def test_train_cli_takes_eval_every(tmp_path, monkeypatch):
     assert seen["cfg"].eval_every == 50 and seen["cfg"].steps == 100
 
 
-def test_bf16_precision_runs_the_network_in_bf16(model_file):
-    pipe = load(model_file)
+def test_bf16_precision_runs_the_network_in_bf16(lively_model_file):
+    pipe = load(lively_model_file)
     seen = []
     conv = next(m for m in pipe.net.modules() if isinstance(m, torch.nn.Conv2d))
     conv.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
@@ -141,8 +141,8 @@ def test_bf16_precision_runs_the_network_in_bf16(model_file):
         pipe.generate("a red circle", precision="fp16")
 
 
-def test_workers_make_the_same_evaluation(model_file, tmp_path):
-    pipe = load(model_file)
+def test_workers_make_the_same_evaluation(lively_model_file, tmp_path):
+    pipe = load(lively_model_file)
     one = evaluate(pipe, tmp_path / "one", EvalConfig(**QUICK), progress=False, report=False)
     two = evaluate(pipe, tmp_path / "two", EvalConfig(**QUICK, workers=2), progress=False, report=False)
     assert sorted((tmp_path / "two").glob("samples-w*.jsonl")) != []
