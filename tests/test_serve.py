@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import io
 import json
 import random
@@ -16,6 +17,8 @@ import numpy as np
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from inkwash.data.base import to_uint8_hwc
@@ -352,3 +355,62 @@ def test_requests_join_and_leave_between_steps(lively_model_file):
     for name, steps in (("a", 60), ("b", 3)):
         want = pipe.generate("a circle", seed=3, size=16, sampler="euler", steps=steps, guidance=2.0)
         assert (done[name] - want).abs().max() < 2 / 255
+
+
+# --- fuzzing: no request body gets a 5xx or a traceback -----------------------------------------------------
+
+ANY = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=30), st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)  # fmt: skip
+VALID = {
+    "n": st.integers(1, 3),
+    "size": st.sampled_from(["16x16", "8x8", "auto", 16]),
+    "response_format": st.sampled_from(["b64_json", "url"]),
+    "negative_prompt": st.text(max_size=20),
+    "steps": st.integers(1, 4),
+    "guidance": st.floats(0, 30),
+    "sampler": st.sampled_from(list(SAMPLERS)),
+    "schedule": st.sampled_from(["trailing", "karras", "leading"]),
+    "seed": st.integers(0, 2**32 - 1),
+    "model": st.just("tiny"),
+}
+INVALID = {
+    "n": st.integers(-3, 12), "size": st.sampled_from(["32x16", "0x0", "x", "99999x99999", "15"]),
+    "steps": st.integers(-2, 120), "guidance": st.floats(-5, 40), "sampler": st.just("nope"),
+    "schedule": st.sampled_from(["wiggly", "lcm", "shift"]), "seed": st.integers(-5, 2**33),
+}  # fmt: skip
+
+
+def mostly(valid, *others, every: int = 8):
+    """`valid`, except one draw in `every` from the others (hypothesis's one_of dedupes repeated strategies)."""
+    return st.integers(0, every - 1).flatmap(lambda k: valid if k else st.one_of(*others))
+
+
+FIELDS = {k: mostly(v, INVALID.get(k, ANY), ANY) for k, v in VALID.items()}
+
+
+STATUSES: list[int] = []
+
+
+@settings(
+    max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(body=st.fixed_dictionaries({"prompt": mostly(st.text(min_size=1, max_size=40), ANY)}, optional=FIELDS))
+def test_fuzzed_bodies_get_a_4xx_sentence_or_a_job(client, body):
+    r = client.post("/v1/jobs", content=json.dumps(body), headers={"content-type": "application/json"})  # NaN too
+    STATUSES.append(r.status_code)
+    assert r.status_code in (202, 400, 404), (body, r.status_code, r.text)
+    if r.status_code == 202:
+        client.post(f"/v1/jobs/{r.json()['id']}/cancel")
+    else:
+        message = r.json()["error"]["message"]
+        assert message and "Traceback" not in message and "\n" not in message, message
+
+
+def test_the_fuzzer_reached_both_outcomes():
+    """Guards the fuzz test above against testing only one branch (it runs first in this module)."""
+    if not STATUSES:
+        pytest.skip("the fuzz test did not run in this session")
+    assert STATUSES.count(202) >= 15 and STATUSES.count(400) >= 50, collections.Counter(STATUSES)

@@ -513,7 +513,8 @@ def create_app(cfg: ServeConfig | None = None, **kwargs) -> FastAPI:
         err = e.errors()[0]
         if err.get("type") == "json_invalid":
             return _error(400, "the request body is not valid JSON")
-        field_name = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        field_name = loc[0] if loc else "body"  # not "size.str": the union member pydantic tried last
         return _error(400, f"{field_name}: {err.get('msg', 'invalid value')}", field_name)
 
     @app.exception_handler(StarletteHTTPException)
