@@ -91,14 +91,8 @@ def test_progress_stream_has_steps_with_previews_then_done(client):
     """Progress is sent as it changes, coalesced to at most one event per 50 ms (a client wants the latest)."""
     job = client.post("/v1/jobs", json={"prompt": "a star", "steps": 60, "sampler": "heun", "seed": 1}).json()
     assert job["status"] in ("queued", "running") and job["request"]["steps"] == 60
-    events = []
     with client.stream("GET", f"/v1/jobs/{job['id']}/events") as s:
-        name = None
-        for line in s.iter_lines():
-            if line.startswith("event: "):
-                name = line[7:]
-            elif line.startswith("data: "):
-                events.append((name, json.loads(line[6:])))
+        events = sse_events(s)
     assert events[-1][0] == "done" and events[-1][1]["status"] == "succeeded"
     progress = [d for e, d in events if e == "progress"]
     steps = [d["step"] for d in progress]
@@ -109,6 +103,37 @@ def test_progress_stream_has_steps_with_previews_then_done(client):
     # a finished job's stream gives the final event at once
     with client.stream("GET", f"/v1/jobs/{job['id']}/events") as s:
         assert "event: done" in s.read().decode()
+
+
+def sse_events(response) -> list[tuple[str, dict]]:
+    events, name = [], None
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: "):
+            events.append((name, json.loads(line[6:])))
+    return events
+
+
+def test_openai_style_stream_sends_partial_images_then_each_completed_image(client, lively_model_file):
+    body = {"prompt": "a red circle", "n": 2, "seed": 9, "steps": 60, "sampler": "heun", "stream": True,
+            "partial_images": 2}  # fmt: skip
+    with client.stream("POST", "/v1/images/generations", json=body) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    partial = [d for e, d in events if e == "image_generation.partial_image"]
+    done = [d for e, d in events if e == "image_generation.completed"]
+    assert [d["partial_image_index"] for d in partial] == [0, 1]
+    assert all(d["type"] == "image_generation.partial_image" and d["size"] == "16x16" for d in partial)
+    assert decode(partial[0]["b64_json"]).size == (16, 16)
+    assert [(d["index"], d["seed"]) for d in done] == [(0, 9), (1, 10)] and events[-1][
+        0
+    ] == "image_generation.completed"
+    want = reference(Pipeline.from_file(lively_model_file), client.get(f"/v1/jobs/{done[0]['id']}").json()["request"])
+    for i, d in enumerate(done):
+        assert np.abs(np.asarray(decode(d["b64_json"]), dtype=int) - want[i].astype(int)).max() <= 2
+    r = client.post("/v1/images/generations", json=body | {"partial_images": 4})
+    assert r.status_code == 400 and "partial_images must be between 0 and 3" in r.json()["error"]["message"]
 
 
 def test_cancel_a_queued_and_a_running_job(lively_model_file, tmp_path):

@@ -16,6 +16,7 @@ import json
 import os
 import random
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -98,6 +99,12 @@ class GenerationBody(BaseModel):
     sampler: str | None = Field(None, description=f"One of {', '.join(SAMPLERS)}.")
     schedule: str | None = Field(None, description="Time grid (trailing, karras, ...); the model's default.")
     seed: int | None = Field(None, description="Image i uses seed + i; random when absent.")
+    stream: bool = Field(
+        False,
+        description="Server-sent events as OpenAI streams images: "
+        "`image_generation.partial_image`, then `image_generation.completed` per image.",
+    )
+    partial_images: int = Field(0, description="Previews to stream before the final image (0 to 3).")
 
 
 class MatchBody(BaseModel):
@@ -269,6 +276,20 @@ class Service:
             await fut
         return self.store.job(job_id)
 
+    async def follow(self, job_id: str) -> AsyncIterator[tuple[dict, Live | None]]:
+        """(job, live progress) whenever the progress changes, polled every 50 ms; last (job, None) once finished."""
+        seen = -1
+        while True:
+            job = self.store.job(job_id)
+            if job["status"] in TERMINAL:
+                yield job, None
+                return
+            live = self.live.get(job_id)
+            if live is not None and live.version != seen:
+                seen = live.version
+                yield job, live
+            await asyncio.sleep(0.05)
+
     def cancel(self, job_id: str) -> dict:
         job = self.get(job_id)
         if job["status"] not in TERMINAL:
@@ -437,6 +458,37 @@ def preview_url(x0: torch.Tensor) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+async def _openai_stream(service: Service, job_id: str, partial_images: int) -> AsyncIterator[str]:
+    """OpenAI's image streaming: `image_generation.partial_image` events (previews at even fractions of the
+    steps), then one `image_generation.completed` per image, or an `error` event."""
+    sent = 0
+    async for job, live in service.follow(job_id):
+        r = job["request"]
+        common = {"created_at": int(time.time()), "size": f"{r['size']}x{r['size']}", "quality": "auto",
+                  "background": "opaque", "output_format": "png"}  # fmt: skip
+        if live is not None:
+            if (
+                sent < partial_images
+                and live.preview is not None
+                and live.step >= (sent + 1) * live.steps / (partial_images + 1)
+            ):
+                b64 = preview_url(live.preview).split(",", 1)[1]
+                yield _sse("image_generation.partial_image", {"type": "image_generation.partial_image",
+                           "b64_json": b64, "partial_image_index": sent, **common})  # fmt: skip
+                sent += 1
+            continue
+        if job["status"] != "succeeded":
+            message = job["error"] or f"the job was {job['status']}"
+            yield _sse("error", {"type": "error", "error": {"message": message, "type": "server_error"}})
+            return
+        for i, im in enumerate(job["images"]):
+            b64 = base64.b64encode(service.image_path(job_id, im["file"]).read_bytes()).decode()
+            usage = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
+                     "input_tokens_details": {"text_tokens": 0, "image_tokens": 0}}  # fmt: skip
+            yield _sse("image_generation.completed", {"type": "image_generation.completed", "b64_json": b64,
+                       "usage": usage, "index": i, "seed": im["seed"], "id": job_id, **common})  # fmt: skip
+
+
 def _sse(event: str, data) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
@@ -539,7 +591,13 @@ def create_app(cfg: ServeConfig | None = None, **kwargs) -> FastAPI:
     async def generations(body: GenerationBody, request: Request):
         """OpenAI's images API: waits for the images and returns them (`b64_json`) or links to them (`url`)."""
         model, req = service.normalise(body)
-        job = await service.wait(service.submit(model, req)["id"])
+        if not 0 <= body.partial_images <= 3:
+            raise ApiError(400, f"partial_images must be between 0 and 3, got {body.partial_images}", "partial_images")
+        job_id = service.submit(model, req)["id"]
+        if body.stream:
+            events = _openai_stream(service, job_id, body.partial_images)
+            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        job = await service.wait(job_id)
         if job["status"] != "succeeded":
             raise ApiError(500 if job["status"] == "failed" else 409, job["error"] or f"the job was {job['status']}")
         data = []
@@ -574,22 +632,16 @@ def create_app(cfg: ServeConfig | None = None, **kwargs) -> FastAPI:
         service.get(job_id)
 
         async def stream() -> AsyncIterator[str]:
-            seen = -1
-            while True:
-                job = service.store.job(job_id)
-                if job["status"] in TERMINAL:
+            async for job, live in service.follow(job_id):
+                if live is None:
                     yield _sse("done" if job["status"] == "succeeded" else job["status"], service.view(job))
                     return
-                live = service.live.get(job_id)
-                if live is not None and live.version != seen:
-                    seen = live.version
-                    data = {"step": live.step, "steps": live.steps, "status": job["status"]}
-                    if job["kind"] == "arena" and service.store.blind(job_id):
-                        data |= _percent(data)
-                    if live.preview is not None:
-                        data["preview"] = preview_url(live.preview)
-                    yield _sse("progress", data)
-                await asyncio.sleep(0.05)
+                data = {"step": live.step, "steps": live.steps, "status": job["status"]}
+                if job["kind"] == "arena" and service.store.blind(job_id):
+                    data |= _percent(data)
+                if live.preview is not None:
+                    data["preview"] = preview_url(live.preview)
+                yield _sse("progress", data)
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
