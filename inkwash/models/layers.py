@@ -48,21 +48,24 @@ class MLPEmbedder(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-Conv twice, with the (already SiLU-activated) embedding added or used as scale-shift."""
+    """GroupNorm-SiLU-Conv twice, with the (already SiLU-activated) embedding added or used as scale-shift;
+    `emb_dim=0` for a block with no embedding (the autoencoder's)."""
 
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, *, groups: int, eps: float, scale_shift: bool = False):
         super().__init__()
         self.scale_shift = scale_shift
         self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb_proj = nn.Linear(emb_dim, out_ch * (2 if scale_shift else 1))
+        self.emb_proj = nn.Linear(emb_dim, out_ch * (2 if scale_shift else 1)) if emb_dim else None
         self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         # x [B, Cin, H, W], emb [B, E] (SiLU already applied) -> [B, Cout, H, W]
         h = self.conv1(F.silu(self.norm1(x)))
+        if self.emb_proj is None:
+            return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
         e = self.emb_proj(emb)[:, :, None, None]  # [B, Cout or 2*Cout, 1, 1]
         if self.scale_shift:
             scale, shift = e.chunk(2, dim=1)
@@ -74,14 +77,16 @@ class ResBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Strided 3x3 conv: [B, C, H, W] -> [B, C, H/2, W/2]."""
+    """Strided 3x3 conv: [B, C, H, W] -> [B, C, H/2, W/2]. `asymmetric`: pad right and bottom only, as the
+    Stable Diffusion autoencoder does (the U-Net pads all sides)."""
 
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, asymmetric: bool = False):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.asymmetric = asymmetric
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0 if asymmetric else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.asymmetric else x)
 
 
 class Upsample(nn.Module):

@@ -15,11 +15,12 @@ from torch import nn
 from inkwash.config import dataclass_from_dict
 from inkwash.errors import UserError
 from inkwash.models.unet import UNet, UNetConfig
+from inkwash.models.vae import VAE, VAEConfig
 
 ModelConfig = Any  # one typed dataclass per architecture (UNetConfig, ...); see ARCHS
 
 # arch name -> (config type, builder)
-ARCHS: dict[str, tuple[type, Callable[[Any], nn.Module]]] = {"unet": (UNetConfig, UNet)}
+ARCHS: dict[str, tuple[type, Callable[[Any], nn.Module]]] = {"unet": (UNetConfig, UNet), "vae": (VAEConfig, VAE)}
 
 
 def register_arch(name: str, config_type: type, builder: Callable[[Any], nn.Module]) -> None:
@@ -100,3 +101,13 @@ register(
 )  # fmt: skip
 # Stable Diffusion 1.5's U-Net exactly (latent space, CLIP ViT-L/14 context): 859,520,964 parameters.
 register("sd15", UNetConfig())
+
+# Autoencoders (Stable Diffusion's KL layout). Published latent scale and shift, from the models' own configs.
+register("vae-sd", VAEConfig(scaling_factor=0.18215))  # SD 1.x / 2.x: f = 8, 4 channels, 83,653,863 parameters
+register("vae-sdxl", VAEConfig(scaling_factor=0.13025))
+register("vae-sd3", VAEConfig(latent_channels=16, use_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609))
+register("vae-flux", VAEConfig(latent_channels=16, use_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159))
+register(  # Shapes at 64 px: f = 4, 4 channels; its scale and shift are computed from data when trained
+    "vae-shapes-f4",
+    VAEConfig(channels=(32, 64, 128), layers_per_block=1, latent_channels=4, norm_groups=8),
+)
