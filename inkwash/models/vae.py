@@ -186,7 +186,7 @@ class VAE(nn.Module):
 
     def encode_latent(self, x: Tensor, generator: torch.Generator | None = None, tile: int | None = None) -> Tensor:
         """Images -> diffusion latents (a posterior sample with a generator, else its mean)."""
-        moments = tiled(self._moments, x, tile, self.cfg.downsample) if tile else self._moments(x)
+        moments = tiled(self.moments, x, tile, self.cfg.downsample) if tile else self.moments(x)
         posterior = DiagonalGaussian(moments)
         return self.to_latent(posterior.sample(generator) if generator is not None else posterior.mode())
 
@@ -195,7 +195,8 @@ class VAE(nn.Module):
         z = self.from_latent(latent)
         return tiled(self.decode, z, tile, 1 / self.cfg.downsample) if tile else self.decode(z)
 
-    def _moments(self, x: Tensor) -> Tensor:
+    def moments(self, x: Tensor) -> Tensor:
+        """The posterior's [mean, log-variance] stacked on channels: [B, 2C, h, w] (what a latent cache keeps)."""
         return self.quant_conv(self.encoder(x))
 
 
