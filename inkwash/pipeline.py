@@ -124,13 +124,21 @@ class SamplingRun:
     settings: Sampling
     seeds: list[int]
     process: Process
+    vae: Any = None  # latent models: the autoencoder that turns the sampled latents into images
 
     def __call__(self, callback: Callable | None = None) -> torch.Tensor:
-        """Run the sampler; later noise of stochastic samplers comes from a generator seeded by the first seed."""
+        """Run the sampler; later noise of stochastic samplers comes from a generator seeded by the first seed.
+        Images [N, 3, H, W] in [-1, 1] (decoded from latents for a latent model)."""
         gen = torch.Generator().manual_seed(self.seeds[0])
         sampler = SAMPLERS[self.settings.sampler]
         out = sampler(self.model, self.x, self.times, process=self.process, generator=gen, callback=callback)
-        return out.clamp(-1, 1)
+        return self.to_images(out)
+
+    def to_images(self, x: torch.Tensor) -> torch.Tensor:
+        """The sampler's space -> images in [-1, 1]: a decode for latent models, the identity for pixel ones."""
+        if self.vae is not None:
+            x = self.vae.decode_latent(x.to(next(self.vae.parameters()).dtype)).float()
+        return x.clamp(-1, 1)
 
 
 @dataclass
@@ -147,6 +155,7 @@ class Pipeline:
     meta: dict = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     source: str = ""  # the file it was loaded from
+    vae: Any = None  # latent models: the autoencoder; `channels` are then its latent channels
 
     # --- construction ---------------------------------------------------------------------------
 
@@ -168,9 +177,10 @@ class Pipeline:
         encoder = build_text_encoder(text_cfg)
         if getattr(encoder, "trainable", False):
             _load_strict(encoder, strip_prefix(tensors, "text_encoder"), path, "text encoder")
+        vae = _vae_from(meta, tensors, path) if "vae" in meta else None  # a latent model carries its autoencoder
         return cls(
             net.eval(), model_cfg, process, prediction, encoder.eval(), size, int(meta.get("channels", 3)),
-            Sampling.from_dict(meta.get("sampling", {})), path.stem, meta, source=str(path),
+            Sampling.from_dict(meta.get("sampling", {})), path.stem, meta, source=str(path), vae=vae,
         ).to(device)  # fmt: skip
 
     @classmethod
@@ -186,13 +196,20 @@ class Pipeline:
         self.device = torch.device(device)
         self.net.to(self.device)
         self.encoder.to(self.device)
+        if self.vae is not None:
+            self.vae.to(self.device)
         return self
 
     # --- sampling -------------------------------------------------------------------------------
 
     @property
+    def latent_factor(self) -> int:
+        """Image pixels per sampled position along a side: the autoencoder's f, or 1 in pixel space."""
+        return self.vae.cfg.downsample if self.vae is not None else 1
+
+    @property
     def size_multiple(self) -> int:
-        return 2 ** (len(getattr(self.model_cfg, "channel_mult", (1,))) - 1)
+        return self.latent_factor * 2 ** (len(getattr(self.model_cfg, "channel_mult", (1,))) - 1)
 
     def check_size(self, size: int) -> int:
         m = self.size_multiple
@@ -243,10 +260,11 @@ class Pipeline:
         uncond = text_cond(self.encoder([negative_prompt] * b), self.model_cfg) if s.guidance != 1 else None
         denoiser = Denoiser(self.net if net is None else net, self.process, self.prediction)
         times = make_times(self.process, s.steps, s.schedule)
-        shape = (1, self.channels, size, size)
+        side = size // self.latent_factor
+        shape = (1, self.channels, side, side)
         x = torch.cat([self.process.init_noise(shape, torch.Generator().manual_seed(s), times[0]) for s in seeds])
         model = Guided(denoiser, cond, uncond, s.guidance, s.rescale)
-        return SamplingRun(model, x.to(self.device), times, s, seeds, self.process)
+        return SamplingRun(model, x.to(self.device), times, s, seeds, self.process, self.vae)
 
     @torch.no_grad()
     def generate(
@@ -289,7 +307,7 @@ class Pipeline:
     def info(self) -> dict:
         from .models.flops import count_flops
 
-        size = self.image_size
+        size = self.image_size // self.latent_factor
         x = torch.zeros(1, self.channels, size, size, device="meta")
         t = torch.zeros(1, device="meta")
         kw = {}
@@ -305,7 +323,10 @@ class Pipeline:
             "text_encoder": type(self.encoder).__name__,
             "process": self.process.to_dict(),
             "prediction": self.prediction,
-            "image_size": size,
+            "image_size": self.image_size,
+            "latent": None
+            if self.vae is None
+            else {**config_to_dict(self.vae.cfg), "shape": [self.channels, size, size]},
             "sampling": dataclasses.asdict(self.sampling),
             "macs_per_step": count_flops(meta_net, {"x": x, "t": t, **kw}),
         }
@@ -325,6 +346,23 @@ def _load_strict(module: torch.nn.Module, sd: dict, path: Path, what: str) -> No
         module.load_state_dict(sd)
     except RuntimeError as e:
         raise UserError(f"model file {path} has {what} weights of the wrong shape: {str(e).splitlines()[-1]}") from None
+
+
+def load_vae(path: str | os.PathLike) -> torch.nn.Module:
+    """An autoencoder file as `inkwash train-vae` writes it (weights under `vae.`, config in `meta["vae"]`)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"autoencoder file {path} does not exist")
+    meta, tensors = load_model_file(path)
+    if "vae" not in meta:
+        raise UserError(f"{path} is not an autoencoder file (its inkwash metadata has no 'vae' entry)")
+    return _vae_from(meta, tensors, path)
+
+
+def _vae_from(meta: dict, tensors: dict, path: Path) -> torch.nn.Module:
+    vae = build_model(config_from_dict(meta["vae"]))
+    _load_strict(vae, strip_prefix(tensors, "vae"), path, "autoencoder")
+    return vae.eval().requires_grad_(False)
 
 
 def load(path_or_preset: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> Pipeline:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import hashlib
 import json
 import os
 import platform
@@ -25,6 +24,7 @@ from inkwash.data.base import to_uint8_hwc
 from inkwash.errors import UserError
 from inkwash.eval.judge import Judge
 from inkwash.eval.shapeseval import TASKS, VERSION, bootstrap, load_prompts, score
+from inkwash.formats.checkpoint import file_sha256
 
 FORMAT = "inkwash-eval/1"
 FID_SEED_BASE = 10_000_000  # image seeds of the FID set, apart from the benchmark's
@@ -246,21 +246,10 @@ class _Run:
         return out
 
 
-def _file_hash(path: str) -> str | None:
-    """First 16 hex digits of a model file's sha256 (None for a pipeline not loaded from a file)."""
-    if not path:
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def _model_info(pipe) -> dict:
     info = pipe.info()
     return {
-        "name": info["name"], "path": pipe.source or None, "sha256": _file_hash(pipe.source),
+        "name": info["name"], "path": pipe.source or None, "sha256": file_sha256(pipe.source),
         "parameters": info["parameters"],
         "image_size": info["image_size"], "arch": info["model"].get("arch"), "prediction": info["prediction"],
         "process": info["process"].get("kind"), "macs_per_step": info["macs_per_step"],
@@ -278,7 +267,7 @@ def evaluate(pipe, out_dir: str | os.PathLike, cfg: EvalConfig | None = None, *,
     rest = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in sampling and k != "batch_size"}
     settings = {"benchmark": VERSION, "model": pipe.name, **sampling, **rest}
     settings["tasks"] = list(settings["tasks"])
-    identity = {"benchmark": VERSION, "model_sha256": _file_hash(pipe.source), **sampling, "seed": cfg.seed,
+    identity = {"benchmark": VERSION, "model_sha256": file_sha256(pipe.source), **sampling, "seed": cfg.seed,
                 "precision": cfg.precision}  # fmt: skip
     path = out / "identity.json"  # what fixes every image; tasks, counts and FID options may change
     if path.exists():

@@ -12,6 +12,7 @@ knows file layouts only: not networks, noise or the training loop.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -116,16 +117,17 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def save_model(path: str | os.PathLike, state_dicts: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> Path:
-    """Atomically write a model file: `state_dicts` maps prefix ("model", "text_encoder") -> state dict.
+    """Atomically write a model file: `state_dicts` maps prefix ("model", "text_encoder", "vae") -> state dict.
 
-    `meta` is the inkwash JSON (model, process, prediction, text_encoder, image_size, channels,
-    sampling, train_args); "format" and "version" are filled in.
+    `meta` is the inkwash JSON (model, process, prediction, text_encoder, image_size, channels, sampling,
+    train_args; "vae" for a latent model or an autoencoder file); "format" and "version" are filled in.
+    A diffusion model file has "model" (and "vae" when it is latent); an autoencoder file has "vae" alone.
     """
-    if "model" not in state_dicts:
-        raise ValueError("a model checkpoint needs a 'model' state dict")
-    unknown = set(state_dicts) - {"model", "text_encoder"}
+    if "model" not in state_dicts and "vae" not in state_dicts:
+        raise ValueError("a model file needs a 'model' or a 'vae' state dict")
+    unknown = set(state_dicts) - {"model", "text_encoder", "vae"}
     if unknown:
-        raise ValueError(f"unknown checkpoint prefixes {sorted(unknown)}; use 'model' and 'text_encoder'")
+        raise ValueError(f"unknown checkpoint prefixes {sorted(unknown)}; use 'model', 'text_encoder' and 'vae'")
     return _save(path, _flatten(state_dicts), {**meta, "format": FORMAT, "version": VERSION})
 
 
@@ -147,6 +149,17 @@ def load_model_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     """(meta, tensors) of a model file; tensors keep their `model.` / `text_encoder.` prefixes."""
     meta = read_meta(path)
     return meta, _load_tensors(Path(path))
+
+
+def file_sha256(path: str | os.PathLike | None) -> str | None:
+    """First 16 hex digits of a file's sha256 (None for no path): identifies a model or autoencoder file."""
+    if not path:
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def strip_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -223,8 +223,10 @@ def tiled(fn, x: Tensor, tile: int, scale: float, overlap_fraction: float = 0.25
     """Apply a convolutional `fn` (output side = input side / scale) on overlapping `tile`-sized tiles of x and
     blend the outputs with linear ramps; memory is bounded by one tile."""
     H, W = x.shape[-2:]
-    overlap = max(1, int(tile * overlap_fraction))
-    stride = tile - overlap
+    unit = max(1, round(scale))  # encoding: tiles start on multiples of the factor, so outputs land on the grid
+    tile = max(unit, tile // unit * unit)
+    overlap = max(unit, int(tile * overlap_fraction) // unit * unit)
+    stride = max(unit, tile - overlap)
     out = weight = None
     for top in _starts(H, tile, stride):
         for left in _starts(W, tile, stride):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -32,16 +33,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from inkwash.config import dataclass_from_dict
+from inkwash.data.latent_cache import LatentCache
 from inkwash.diffusion import Denoiser, TimeSampler, diffusion_loss, process_from_dict
 from inkwash.errors import UserError
 from inkwash.formats.checkpoint import (
+    file_sha256,
     flatten_optimizer_state,
     load_state,
     save_model,
     save_state,
     unflatten_optimizer_state,
 )
-from inkwash.pipeline import Pipeline, Sampling, autocast_for, fit_to_encoder, text_cond
+from inkwash.models.vae import DiagonalGaussian
+from inkwash.pipeline import Pipeline, Sampling, autocast_for, fit_to_encoder, load_vae, text_cond
 from inkwash.text import CachedTextEncoder, TextEncoder, TextEncoderConfig, build_text_encoder
 from inkwash.train.ema import EMA
 
@@ -68,6 +72,8 @@ class TrainConfig:
     prediction: str = "eps"  # eps | v | x0 | flow
     text_encoder: str | dict = "minilm"  # encoder name or a TextEncoderConfig dict
     dataset: str = "shapes"  # "shapes" or a folder path
+    vae: str | None = None  # an autoencoder file (inkwash train-vae): the model then learns in its latent space
+    latent_cache: str | None = None  # a folder from `inkwash cache-latents` (made with `vae`) instead of encoding
     dataset_args: dict = field(default_factory=dict)  # data set options, e.g. Shapes' {"omit_colour": 0.3}
     data_workers: int = 0  # processes that load / render batches ahead of the loop; 0 = in the loop
     image_size: int = 32
@@ -266,19 +272,16 @@ def _process(spec: str | dict):
     return process_from_dict({"kind": spec} if isinstance(spec, str) else spec)
 
 
-def _model_config(cfg: TrainConfig, encoder: TextEncoder):
-    """The network config: the preset (or dict), its cross-attention / pooled widths set to the encoder's."""
+def _model_config(cfg: TrainConfig, encoder: TextEncoder, channels: int):
+    """The network config: the preset (or dict), its cross-attention / pooled widths set to the encoder's,
+    and its input / output channels set to the data's (3 for RGB pixels, the autoencoder's latent channels)."""
     from inkwash.models.registry import config_from_dict, get_preset
 
     mcfg = get_preset(cfg.model) if isinstance(cfg.model, str) else config_from_dict(dict(cfg.model))
     mcfg = fit_to_encoder(mcfg, encoder)
-    channels = getattr(mcfg, "in_channels", 3)
-    if channels != 3:
-        raise UserError(
-            f"Model {cfg.model if isinstance(cfg.model, str) else 'config'} takes {channels} input channels; "
-            "training on RGB pixels needs 3 (latent training is not supported by this trainer yet)."
-        )
-    return mcfg
+    if not hasattr(mcfg, "in_channels"):
+        raise UserError(f"Model {cfg.model!r} is not a denoising network (it has no input channels).")
+    return dataclasses.replace(mcfg, in_channels=channels, out_channels=channels)
 
 
 # ---------------------------------------------------------------------------- distributed
@@ -354,7 +357,9 @@ class Trainer:
         else:
             self.encoder = CachedTextEncoder(encoder.eval(), max_entries=cfg.text_cache_entries)
         self.encoder.requires_grad_(self.trainable_text)
-        self.model_cfg = _model_config(cfg, encoder)
+        self.vae, self.vae_sha256 = self._load_vae()
+        self.channels = self.vae.cfg.latent_channels if self.vae is not None else 3
+        self.model_cfg = _model_config(cfg, encoder, self.channels)
         self.net: nn.Module = build_model(self.model_cfg)
         self.net.to(self.device)
         self.encoder.to(self.device)
@@ -369,12 +374,37 @@ class Trainer:
         self.denoiser = Denoiser(self.ddp_net, self.process, cfg.prediction)
         self.autocast = autocast_for(cfg.precision, self.device)
 
-        self.dataset = build_dataset(cfg.dataset, cfg.image_size, cfg.seed, **cfg.dataset_args)
+        if cfg.latent_cache:
+            self.dataset = LatentCache(cfg.latent_cache, self.vae_sha256, cfg.image_size)
+        else:
+            self.dataset = build_dataset(cfg.dataset, cfg.image_size, cfg.seed, **cfg.dataset_args)
         self.order = DataOrder(len(self.dataset), cfg.seed)
         self.step = 0
         self.prefetch: Prefetcher | None = None  # set by the loop when data_workers > 0
 
     # -- set-up helpers
+
+    def _load_vae(self):
+        """(the frozen autoencoder, its file hash) for latent training; (None, None) in pixel space."""
+        cfg = self.cfg
+        if cfg.latent_cache and not cfg.vae:
+            raise UserError(
+                "latent_cache needs `vae` too: the autoencoder the cache was made with (to decode samples)."
+            )
+        if not cfg.vae:
+            return None, None
+        vae = load_vae(cfg.vae).to(self.device)
+        if cfg.image_size % vae.cfg.downsample:
+            raise UserError(f"image_size {cfg.image_size} is not a multiple of the autoencoder's factor "
+                            f"{vae.cfg.downsample}.")  # fmt: skip
+        return vae, file_sha256(cfg.vae)
+
+    @torch.no_grad()
+    def _latents(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """Images (or cached posterior moments) of chunk k -> diffusion latents: a posterior sample, seeded by
+        (seed, step, chunk), scaled by the autoencoder's latent scale and shift."""
+        posterior = DiagonalGaussian(x) if self.cfg.latent_cache else self.vae.encode(x)
+        return self.vae.to_latent(posterior.sample(generator_for(self.cfg.seed, "latent", self.step, k)))
 
     def _wrap_ddp(self):
         if self.dist.world == 1:
@@ -412,6 +442,8 @@ class Trainer:
     def _micro(self, k: int, bins: torch.Tensor) -> torch.Tensor:
         """Forward + backward of chunk k; returns the summed (unscaled) loss, adds to the time bins."""
         images, captions = self._chunk(k)
+        if self.vae is not None:
+            images = self._latents(images, k)
         # Frozen encoders run outside autocast so their cached embeddings stay float32.
         with self.autocast() if self.trainable_text else nullcontext():
             cond = text_cond(self.ddp_encoder(captions), self.model_cfg)
@@ -482,7 +514,8 @@ class Trainer:
             "prediction": self.cfg.prediction,
             "text_encoder": self.text_cfg.to_dict(),
             "image_size": self.cfg.image_size,
-            "channels": 3,
+            "channels": self.channels,
+            **({"vae": config_to_dict(self.vae.cfg), "vae_sha256": self.vae_sha256} if self.vae is not None else {}),
             "sampling": dict(self.cfg.sampling),
             "train_args": {**self.cfg.to_dict(), "step": self.step, "world_size": self.dist.world},
         }
@@ -508,6 +541,8 @@ class Trainer:
             dicts = {"model": weights}
             if self.trainable_text:
                 dicts["text_encoder"] = self._text_state()
+            if self.vae is not None:  # a latent model file carries its autoencoder
+                dicts["vae"] = self.vae.state_dict()
             save_model(path, dicts, self.model_meta())
             optim, optim_meta = flatten_optimizer_state(self.opt.state_dict())
             rng = {"torch": torch.get_rng_state()}  # network-internal randomness (dropout)
@@ -589,8 +624,8 @@ class Trainer:
         self.encoder.eval()
         try:
             yield Pipeline(net, self.model_cfg, self.process, self.cfg.prediction, self.encoder, self.cfg.image_size,
-                           sampling=Sampling.from_dict(self.cfg.sampling), device=self.device,
-                           name=self.out.name)  # fmt: skip
+                           channels=self.channels, sampling=Sampling.from_dict(self.cfg.sampling), device=self.device,
+                           name=self.out.name, vae=self.vae)  # fmt: skip
         finally:
             net.train(was_training[0])
             self.encoder.train(was_training[1])

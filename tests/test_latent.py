@@ -1,0 +1,101 @@
+"""Latent diffusion: training in an autoencoder's latent space (encoding on the fly or from a latent cache),
+model files that carry their autoencoder, and a pipeline that samples latents and decodes them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_trainer import TINY_NET, TINY_TEXT  # tests/ is on sys.path under pytest
+
+from inkwash.data.shapes import ShapesDataset
+from inkwash.errors import UserError
+from inkwash.formats.checkpoint import load_model_file, save_model
+from inkwash.models.registry import build_model, config_to_dict
+from inkwash.models.vae import VAEConfig
+from inkwash.pipeline import Pipeline, load_vae
+from inkwash.train.latents import build_latent_cache
+from inkwash.train.trainer import TrainConfig, Trainer, generator_for, load_batch, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY_VAE = VAEConfig(channels=(8, 16), layers_per_block=1, latent_channels=4, norm_groups=4, scaling_factor=0.7,
+                     shift_factor=0.1)  # fmt: skip
+
+
+def vae_file(path, seed=0, cfg=TINY_VAE):
+    torch.manual_seed(seed)
+    vae = build_model(cfg)
+    return save_model(path, {"vae": vae.state_dict()}, {"kind": "vae", "vae": config_to_dict(cfg)})
+
+
+def latent_cfg(tmp_path, vae_path, **kw) -> TrainConfig:
+    args = dict(model=TINY_NET, text_encoder=TINY_TEXT, image_size=32, batch_size=2, steps=3, lr=1e-3,
+                output_dir=str(tmp_path / "run"), log_every=1, sample_prompts=(), vae=vae_path and str(vae_path),
+                sampling={"sampler": "euler", "steps": 2, "guidance": 2.0, "schedule": None})  # fmt: skip
+    return TrainConfig(**{**args, **kw})
+
+
+def test_latent_training_writes_a_model_that_samples_images(tmp_path):
+    vae = vae_file(tmp_path / "vae.safetensors")
+    path = train(latent_cfg(tmp_path, vae))
+    meta, tensors = load_model_file(path)
+    assert meta["channels"] == 4 and meta["model"]["in_channels"] == 4 and meta["model"]["out_channels"] == 4
+    assert meta["vae"]["scaling_factor"] == 0.7 and any(k.startswith("vae.") for k in tensors)
+    pipe = Pipeline.from_file(path)
+    assert pipe.latent_factor == 2 and pipe.size_multiple == 4
+    images = pipe.generate(["a red circle", "a blue square"], seed=3)
+    assert images.shape == (2, 3, 32, 32) and images.abs().max() <= 1
+    # the images are the autoencoder's decoding of the sampled latents
+    run = pipe.prepare(["a red circle", "a blue square"], seed=3)
+    assert run.x.shape == (2, 4, 16, 16)
+    want = load_vae(vae).decode_latent(torch.zeros(1, 4, 16, 16)).clamp(-1, 1)
+    assert torch.allclose(run.to_images(torch.zeros(1, 4, 16, 16)), want, atol=1e-6)
+    assert pipe.info()["latent"]["shape"] == [4, 16, 16]
+    with pytest.raises(UserError, match="multiple of 4"):
+        pipe.generate("a circle", size=34)
+
+
+def test_the_latent_is_a_seeded_posterior_sample_scaled_by_the_config(tmp_path):
+    vae_path = vae_file(tmp_path / "vae.safetensors")
+    tr = Trainer(latent_cfg(tmp_path, vae_path))
+    images, _ = tr._chunk(0)
+    z = tr._latents(images, 0)
+    posterior = tr.vae.encode(images)
+    want = (posterior.sample(generator_for(0, "latent", 0, 0)) - 0.1) * 0.7
+    assert torch.allclose(z, want, atol=1e-6)
+    assert not torch.allclose(tr._latents(images, 1), z)  # another chunk, another sample
+
+
+def test_cached_latents_are_the_posterior_samples_of_encoding_on_the_fly(tmp_path):
+    vae = vae_file(tmp_path / "vae.safetensors")
+    cache = build_latent_cache(vae, tmp_path / "cache", image_size=32, items=12, batch_size=5, progress=False)
+    assert len(cache) == 12 and cache.moments.shape == (12, 8, 16, 16)
+    tr = Trainer(latent_cfg(tmp_path, vae, latent_cache=str(tmp_path / "cache")))
+    shapes = ShapesDataset(32, seed=0)
+    for step in range(8):  # 8 steps x 2 images: the 12 cached items, reshuffled each epoch
+        tr.step = step
+        moments, captions = tr._chunk(0)
+        idx = tr.order.indices(step * 2, 2)
+        images, want_captions = load_batch(shapes, idx)
+        assert captions == want_captions
+        live = tr.vae.to_latent(tr.vae.encode(images).sample(generator_for(0, "latent", step, 0)))
+        assert torch.allclose(tr._latents(moments, 0), live, atol=1e-5)  # encoded in batches of 5 vs 2
+
+
+def test_a_stale_or_unfinished_cache_is_refused_with_a_sentence(tmp_path):
+    vae = vae_file(tmp_path / "vae.safetensors")
+    other = vae_file(tmp_path / "other.safetensors", seed=1)
+    build_latent_cache(vae, tmp_path / "cache", image_size=32, items=4, progress=False)
+    with pytest.raises(UserError, match="made with another autoencoder"):
+        Trainer(latent_cfg(tmp_path, other, latent_cache=str(tmp_path / "cache")))
+    with pytest.raises(UserError, match="holds 32 px images, not 64 px"):
+        Trainer(latent_cfg(tmp_path, vae, latent_cache=str(tmp_path / "cache"), image_size=64))
+    (tmp_path / "cache" / "meta.json").unlink()
+    with pytest.raises(UserError, match="not a finished latent cache"):
+        Trainer(latent_cfg(tmp_path, vae, latent_cache=str(tmp_path / "cache")))
+    with pytest.raises(UserError, match="latent_cache needs `vae` too"):
+        Trainer(latent_cfg(tmp_path, None, latent_cache=str(tmp_path / "cache")))
+    with pytest.raises(UserError, match="not a multiple of the autoencoder's factor 2"):
+        Trainer(latent_cfg(tmp_path, vae, image_size=15))
+    with pytest.raises(UserError, match="is not an autoencoder file"):
+        load_vae(save_model(tmp_path / "x.safetensors", {"model": {"w": torch.zeros(1)}}, {"kind": "other"}))
