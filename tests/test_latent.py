@@ -3,16 +3,25 @@ model files that carry their autoencoder, and a pipeline that samples latents an
 
 from __future__ import annotations
 
+import base64
+import io
+import json
+
+import numpy as np
 import pytest
 import torch
+from fastapi.testclient import TestClient
+from PIL import Image
 from test_trainer import TINY_NET, TINY_TEXT  # tests/ is on sys.path under pytest
 
+from inkwash.data.base import to_uint8_hwc
 from inkwash.data.shapes import ShapesDataset
 from inkwash.errors import UserError
 from inkwash.formats.checkpoint import load_model_file, save_model
 from inkwash.models.registry import build_model, config_to_dict
 from inkwash.models.vae import VAEConfig
 from inkwash.pipeline import Pipeline, load_vae
+from inkwash.serve.app import ServeConfig, create_app
 from inkwash.train.latents import build_latent_cache
 from inkwash.train.trainer import TrainConfig, Trainer, generator_for, load_batch, train
 
@@ -99,3 +108,21 @@ def test_a_stale_or_unfinished_cache_is_refused_with_a_sentence(tmp_path):
         Trainer(latent_cfg(tmp_path, vae, image_size=15))
     with pytest.raises(UserError, match="is not an autoencoder file"):
         load_vae(save_model(tmp_path / "x.safetensors", {"model": {"w": torch.zeros(1)}}, {"kind": "other"}))
+
+
+def test_the_server_batches_latent_models_and_previews_decoded_images(tmp_path):
+    path = train(latent_cfg(tmp_path, vae_file(tmp_path / "vae.safetensors"), steps=1))
+    app = create_app(ServeConfig(models=[path], data_dir=tmp_path / "serve"))
+    with TestClient(app) as c:
+        job = c.post("/v1/jobs", json={"prompt": "a red circle", "n": 2, "seed": 5, "steps": 30}).json()
+        with c.stream("GET", f"/v1/jobs/{job['id']}/events") as r:
+            text = r.read().decode()
+        previews = [
+            json.loads(line[6:]).get("preview") for line in text.splitlines() if line.startswith('data: {"step')
+        ]
+        assert previews and all(p is None or p.startswith("data:image/png;base64,") for p in previews)
+        out = c.post("/v1/images/generations", json={"prompt": "a red circle", "n": 2, "seed": 5, "steps": 3}).json()
+    want = to_uint8_hwc(Pipeline.from_file(path).generate("a red circle", n=2, seed=5, steps=3))
+    for i, d in enumerate(out["data"]):
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))), dtype=int)
+        assert got.shape == (32, 32, 3) and np.abs(got - want[i].astype(int)).max() <= 2

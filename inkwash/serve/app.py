@@ -221,10 +221,12 @@ class Service:
         def on_start():
             self.store.set_running(job_id)
 
-        def on_progress(step, steps, x0):
+        def on_progress(step, steps, preview):
             live = self.live.get(job_id)
             if live is not None:
-                live.step, live.steps, live.preview, live.version = step, steps, x0.detach().clone(), live.version + 1
+                if preview is not None:
+                    live.preview = preview.detach().clone()
+                live.step, live.steps, live.version = step, steps, live.version + 1
 
         def on_done(images):
             pipe = self.pipes[job["model"]]

@@ -31,6 +31,7 @@ from ..pipeline import Pipeline, autocast_for
 from ..sampling import cat_cond
 
 Tensor = torch.Tensor
+PREVIEW_EVERY_S = 0.25  # latent models: how often a running request's preview is decoded
 
 
 class Cancelled(Exception):
@@ -39,8 +40,9 @@ class Cancelled(Exception):
 
 @dataclass
 class Work:
-    """One request. Callbacks run on the engine's thread: `on_start` when admitted, then progress per step,
-    then exactly one of `on_done` (images [n, 3, H, W] in [-1, 1]) or `on_error`."""
+    """One request. Callbacks run on the engine's thread: `on_start` when admitted, then progress per step (with a
+    preview image [3, H, W] in [-1, 1], or None when none was made), then exactly one of `on_done` (images
+    [n, 3, H, W] in [-1, 1]) or `on_error`."""
 
     id: str
     model: str
@@ -51,7 +53,7 @@ class Work:
     size: int
     settings: dict  # sampler, steps, guidance (and optional schedule, rescale)
     on_start: Callable[[], None] = lambda: None
-    on_progress: Callable[[int, int, Tensor], None] = lambda step, steps, x0: None
+    on_progress: Callable[[int, int, Tensor | None], None] = lambda step, steps, preview: None
     on_done: Callable[[Tensor], None] = lambda images: None
     on_error: Callable[[BaseException], None] = lambda error: None
 
@@ -176,13 +178,29 @@ class Engine:
             pipe = self.pipes[w.model]
             run = pipe.prepare(w.prompt, negative_prompt=w.negative_prompt, n=w.n, seed=w.seed, size=w.size,
                                net=_SharedNet(self, pipe.net), **w.settings)  # fmt: skip
-            images = run(lambda i, steps, x, x0: w.on_progress(i + 1, steps, x0[0]))
+            images = run(self._progress(w, run))
             w.on_done(images)
         except BaseException as e:  # noqa: B036 - a request's failure must never stop the engine
             try:
                 w.on_error(e)
             except Exception:
                 traceback.print_exc()
+
+    @staticmethod
+    def _progress(w: Work, run) -> Callable:
+        """The sampler's callback: step counts, and a preview image of the first image's x0 estimate (for a latent
+        model decoded by its autoencoder at most 4 times a second, and always at the last step; else None)."""
+        last = [float("-inf")]
+
+        def progress(i: int, steps: int, x: Tensor, x0: Tensor) -> None:
+            preview = None
+            if run.vae is None:
+                preview = x0[0]
+            elif time.monotonic() - last[0] >= PREVIEW_EVERY_S or i + 1 == steps:
+                preview, last[0] = run.to_images(x0[:1])[0], time.monotonic()
+            w.on_progress(i + 1, steps, preview)
+
+        return progress
 
     def _resume(self, slot: _Slot, value: Tensor | None = None, error: BaseException | None = None) -> None:
         """Run one request until it parks at its next network call or finishes."""
