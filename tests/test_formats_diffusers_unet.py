@@ -13,6 +13,7 @@ from inkwash.formats.diffusers_unet import (
     unet_state_dict_from_diffusers,
 )
 from inkwash.models.registry import PRESETS
+from inkwash.models.unet import UNetConfig
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -28,6 +29,12 @@ LAYOUTS = {
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         use_linear_projection=True, resnet_time_scale_shift="scale_shift", flip_sin_to_cos=False, freq_shift=1,
+    ),
+    "sdxl-like": dict(  # SDXL's micro-conditioning: pooled text + Fourier features of 6 scalars, one MLP
+        block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=(2, 4), transformer_layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=12 + 6 * 8,
     ),
     "deep-no-mid-attn": dict(
         block_out_channels=(32, 32), layers_per_block=1, attention_head_dim=2, transformer_layers_per_block=2,
@@ -57,17 +64,30 @@ def test_outputs_match_diffusers(layout, masked):
     )
     mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool) if masked else None
     y = torch.randn(2, 12, generator=g) if ours.cfg.y_dim else None
+    micro = torch.tensor([[64.0, 48, 0, 8, 32, 32], [1024, 1024, 16, 0, 32, 32]]) if ours.cfg.micro_conditions else None
+    extra = {"added_cond_kwargs": {"text_embeds": y, "time_ids": micro}} if micro is not None else {"class_labels": y}
     with torch.no_grad():
-        ref = theirs(x, t, ctx, class_labels=y, encoder_attention_mask=mask).sample
-        out = ours(x, t, context=ctx, context_mask=mask, y=y)
+        ref = theirs(x, t, ctx, encoder_attention_mask=mask, **extra).sample
+        out = ours(x, t, context=ctx, context_mask=mask, y=y, micro=micro)
     assert ref.abs().max() > 1e-2  # the comparison means something
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(n for n, c in PRESETS.items() if isinstance(c, UNetConfig)))
 def test_config_round_trip(name):
     cfg = PRESETS[name]
-    assert unet_config_from_diffusers(unet_config_to_diffusers(cfg)) == cfg
+    assert unet_config_from_diffusers(unet_config_to_diffusers(cfg), cfg.micro_conditions or 6) == cfg
+
+
+def test_micro_conditions_change_the_output():
+    ours, _ = _pair("sdxl-like")
+    x, t, ctx, y = torch.randn(1, 3, 16, 16), torch.tensor([500.0]), torch.randn(1, 5, 24), torch.randn(1, 12)
+    with torch.no_grad():
+        a = ours(x, t, context=ctx, y=y, micro=torch.tensor([[32.0, 32, 0, 0, 32, 32]]))
+        b = ours(x, t, context=ctx, y=y, micro=torch.tensor([[16.0, 16, 0, 0, 32, 32]]))
+    assert (a - b).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="needs micro"):
+        ours(x, t, context=ctx, y=y)
 
 
 def test_unmatched_and_missing_keys_are_listed():

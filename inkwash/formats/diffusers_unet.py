@@ -25,7 +25,6 @@ _FIXED = {
     "dual_cross_attention": False,
     "only_cross_attention": False,
     "encoder_hid_dim": None,
-    "addition_embed_type": None,
     "num_class_embeds": None,
     "time_embedding_type": "positional",
     "time_embedding_dim": None,
@@ -51,9 +50,14 @@ def _uniform(value, name: str):
     return value
 
 
-def unet_config_from_diffusers(config: Mapping) -> UNetConfig:
-    """A diffusers UNet2DConditionModel config dict -> UNetConfig (UserError on what we cannot express)."""
+def unet_config_from_diffusers(config: Mapping, micro_conditions: int = 6) -> UNetConfig:
+    """A diffusers UNet2DConditionModel config dict -> UNetConfig (UserError on what we cannot express).
+    SDXL's `text_time` addition embeds `micro_conditions` scalars (6 for SDXL base: original size, crop,
+    target size; 5 for its refiner: original size, crop, aesthetic score): the config does not say which."""
     bad = [f"{k}={config[k]!r}" for k, v in _FIXED.items() if k in config and config[k] != v]
+    addition = config.get("addition_embed_type")
+    if addition not in (None, "text_time"):
+        bad.append(f"addition_embed_type={addition!r}")
     boc = list(config["block_out_channels"])
     downs, ups = list(config["down_block_types"]), list(config["up_block_types"])
     if any(t not in ("CrossAttnDownBlock2D", "DownBlock2D") for t in downs):
@@ -69,6 +73,14 @@ def unet_config_from_diffusers(config: Mapping) -> UNetConfig:
     class_embed = config.get("class_embed_type")
     if class_embed not in (None, "projection"):
         bad.append(f"class_embed_type={class_embed!r}")
+    if class_embed and addition:
+        bad.append("class_embed_type together with addition_embed_type")
+    micro_dim = config.get("addition_time_embed_dim") or 256
+    y_dim = (config.get("projection_class_embeddings_input_dim") or 0) if (class_embed or addition) else 0
+    if addition:
+        y_dim -= micro_conditions * micro_dim
+        if y_dim < 0:
+            bad.append(f"projection_class_embeddings_input_dim too small for {micro_conditions} micro-conditions")
     if bad:
         raise UserError("diffusers U-Net settings not supported: " + ", ".join(bad))
 
@@ -87,7 +99,9 @@ def unet_config_from_diffusers(config: Mapping) -> UNetConfig:
         head_dim=head_dim,
         transformer_depth=_uniform(config.get("transformer_layers_per_block", 1), "transformer_layers_per_block"),
         context_dim=_uniform(config.get("cross_attention_dim", 1280), "cross_attention_dim"),
-        y_dim=(config.get("projection_class_embeddings_input_dim") or 0) if class_embed else 0,
+        y_dim=y_dim,
+        micro_conditions=micro_conditions if addition else 0,
+        micro_embed_dim=micro_dim,
         mid_attention=mid == "UNetMidBlock2DCrossAttn",
         norm_groups=config.get("norm_num_groups", 32),
         norm_eps=config.get("norm_eps", 1e-5),
@@ -101,6 +115,7 @@ def unet_config_from_diffusers(config: Mapping) -> UNetConfig:
 _RENAMES = [
     (r"time_embedding\.linear_(\d)\.(\w+)", r"time_embed.fc\1.\2"),
     (r"class_embedding\.linear_(\d)\.(\w+)", r"y_embed.fc\1.\2"),
+    (r"add_embedding\.linear_(\d)\.(\w+)", r"y_embed.fc\1.\2"),
     (r"conv_in\.(\w+)", r"conv_in.\1"),
     (r"conv_norm_out\.(\w+)", r"norm_out.\1"),
     (r"conv_out\.(\w+)", r"conv_out.\1"),
@@ -202,8 +217,10 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
         attention_head_dim=tuple(cfg.heads(c) for c in boc) if cfg.head_dim else cfg.num_heads,
         transformer_layers_per_block=cfg.transformer_depth,
         cross_attention_dim=cfg.context_dim,
-        class_embed_type="projection" if cfg.y_dim else None,
-        projection_class_embeddings_input_dim=cfg.y_dim or None,
+        class_embed_type="projection" if cfg.y_dim and not cfg.micro_conditions else None,
+        addition_embed_type="text_time" if cfg.micro_conditions else None,
+        addition_time_embed_dim=cfg.micro_embed_dim if cfg.micro_conditions else None,
+        projection_class_embeddings_input_dim=(cfg.y_dim + cfg.micro_conditions * cfg.micro_embed_dim) or None,
         norm_num_groups=cfg.norm_groups,
         norm_eps=cfg.norm_eps,
         resnet_time_scale_shift="scale_shift" if cfg.scale_shift else "default",

@@ -38,6 +38,8 @@ class UNetConfig:
     transformer_depth: int = 1
     context_dim: int = 768  # text token width; 0 = no cross-attention at all
     y_dim: int = 0  # extra conditioning vector added to the time embedding; 0 = none
+    micro_conditions: int = 0  # SDXL micro-conditioning: scalars (original size, crop, target size) per image
+    micro_embed_dim: int = 256  # Fourier features per scalar; they join y before its MLP (SDXL's "text_time")
     mid_attention: bool = True  # mid block is ResBlock-transformer-ResBlock; False: one ResBlock (diffusers)
     norm_groups: int = 32
     norm_eps: float = 1e-5
@@ -84,7 +86,8 @@ class Level(nn.Module):
 
 
 class UNet(nn.Module):
-    """U-Net: forward(x [B,C,H,W], t [B], context [B,L,D], context_mask [B,L], y [B,y_dim]) -> [B,out,H,W]."""
+    """U-Net: forward(x [B,C,H,W], t [B], context [B,L,D], context_mask [B,L], y [B,y_dim], micro [B,n])
+    -> [B,out,H,W]."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -98,7 +101,8 @@ class UNet(nn.Module):
             )
 
         self.time_embed = MLPEmbedder(cfg.model_channels, E)
-        self.y_embed = MLPEmbedder(cfg.y_dim, E) if cfg.y_dim else None
+        y_in = cfg.y_dim + cfg.micro_conditions * cfg.micro_embed_dim
+        self.y_embed = MLPEmbedder(y_in, E) if y_in else None
         self.conv_in = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
 
         skips, ch = [chans[0]], chans[0]  # channels of every skip tensor, in the order they are pushed
@@ -140,19 +144,23 @@ class UNet(nn.Module):
                 nn.init.zeros_(m.proj_out.weight), nn.init.zeros_(m.proj_out.bias)
         nn.init.zeros_(self.conv_out.weight), nn.init.zeros_(self.conv_out.bias)
 
-    def embed(self, t: torch.Tensor, y: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        """Time (and y) embedding, SiLU applied once here for every ResBlock: -> [B, E]."""
+    def embed(self, t: torch.Tensor, y: torch.Tensor | None, micro: torch.Tensor | None, dtype) -> torch.Tensor:
+        """Time embedding plus the embedding of y and the micro-conditions' Fourier features (concatenated, as
+        SDXL's `text_time`), SiLU applied once here for every ResBlock: -> [B, E]."""
         cfg = self.cfg
-        t_freq = timestep_embedding(
-            t, cfg.model_channels, flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift
-        )
-        emb = self.time_embed(t_freq.to(dtype))  # [B, E]
-        if self.y_embed is not None:
-            if y is None:
-                raise ValueError(f"this U-Net needs y [B, {cfg.y_dim}]")
-            emb = emb + self.y_embed(y.to(dtype))
-        elif y is not None:
-            raise ValueError("this U-Net has y_dim=0 but was given y")
+        fourier = {"flip_sin_to_cos": cfg.flip_sin_to_cos, "freq_shift": cfg.freq_shift}
+        emb = self.time_embed(timestep_embedding(t, cfg.model_channels, **fourier).to(dtype))  # [B, E]
+        if (y is None) != (cfg.y_dim == 0):
+            raise ValueError(f"this U-Net needs y [B, {cfg.y_dim}]" if cfg.y_dim else "this U-Net has y_dim=0 but was given y")
+        if (micro is None) != (cfg.micro_conditions == 0):
+            raise ValueError(f"this U-Net needs micro [B, {cfg.micro_conditions}]" if cfg.micro_conditions
+                             else "this U-Net takes no micro-conditions")  # fmt: skip
+        parts = [] if y is None else [y.to(dtype)]
+        if micro is not None:  # [B, n] -> [B, n * D]
+            feats = timestep_embedding(micro.reshape(-1), cfg.micro_embed_dim, **fourier)
+            parts.append(feats.reshape(micro.shape[0], -1).to(dtype))
+        if parts:
+            emb = emb + self.y_embed(torch.cat(parts, dim=-1))
         return F.silu(emb)
 
     def forward(
@@ -162,9 +170,10 @@ class UNet(nn.Module):
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
+        micro: torch.Tensor | None = None,
     ) -> torch.Tensor:
         t = t.expand(x.shape[0]) if t.dim() == 0 else t  # [B]
-        emb = self.embed(t, y, x.dtype)  # [B, E]
+        emb = self.embed(t, y, micro, x.dtype)  # [B, E]
         ctx = (context, context_mask)
         h = self.conv_in(x)  # [B, C0, H, W]
         skips = [h]

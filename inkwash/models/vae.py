@@ -38,6 +38,9 @@ class VAEConfig:
     scaling_factor: float = 1.0  # latent = (z - shift_factor) * scaling_factor
     shift_factor: float = 0.0
 
+    def __post_init__(self):
+        self.channels = tuple(self.channels)  # JSON gives a list
+
     @property
     def downsample(self) -> int:
         return 2 ** (len(self.channels) - 1)
