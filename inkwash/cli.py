@@ -1,4 +1,4 @@
-"""`inkwash generate | train | train-vae | eval | eval-vae | leaderboard | serve | info`: thin entry points.
+"""`inkwash generate | train | train-vae | cache-latents | eval | eval-vae | leaderboard | serve | info`.
 
 A user mistake (UserError) is printed as one sentence on stderr with exit code 2, never a traceback.
 """
@@ -17,10 +17,11 @@ def _generate(args) -> None:
     from .pipeline import load, save_png
 
     pipe = load(args.model)
+    refiner = load(args.refiner) if args.refiner else None
     images = pipe(
         args.prompt, negative_prompt=args.negative, n=args.n, seed=args.seed, size=args.size,
         steps=args.steps, sampler=args.sampler, schedule=args.schedule, guidance=args.guidance, rescale=args.rescale,
-        precision=args.precision,
+        precision=args.precision, refiner=refiner, handoff=args.handoff,
     )  # fmt: skip
     out = Path(args.output)
     for i, img in enumerate(images):
@@ -88,6 +89,15 @@ def _train_vae(args) -> None:
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     print(train_vae(VAETrainConfig.from_dict(cfg), resume=args.resume))
+
+
+def _cache_latents(args) -> None:
+    from .train.latents import build_latent_cache
+
+    cache = build_latent_cache(args.vae, args.output, dataset=args.dataset, image_size=args.image_size,
+                               items=args.items, seed=args.seed, batch_size=args.batch_size)  # fmt: skip
+    print(f"{len(cache)} items, moments {tuple(cache.moments.shape[1:])} each")
+    print(cache.folder)
 
 
 def _eval_vae(args) -> None:
@@ -196,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
     g.add_argument("-n", type=int, default=1, help="images per prompt")
     g.add_argument("--precision", default="fp32", choices=PRECISIONS, help="network precision (bf16: autocast)")
+    g.add_argument("--refiner", default=None, help="a second model file that finishes the denoising (SDXL refiner)")
+    g.add_argument("--handoff", type=float, default=0.8, help="fraction of the denoising the base model does")
     g.add_argument("-o", "--output", default="out", help="a .png path, or a folder for numbered images")
     g.set_defaults(fn=_generate)
 
@@ -216,6 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
     tv.add_argument("--steps", type=int, default=None)
     tv.add_argument("--resume", action="store_true", help="continue exactly from the run's last checkpoint")
     tv.set_defaults(fn=_train_vae)
+
+    cl = sub.add_parser("cache-latents", help="encode a data set once with an autoencoder, for latent training")
+    cl.add_argument("--vae", required=True, help="the autoencoder file (as train-vae writes)")
+    cl.add_argument("-o", "--output", required=True, help="the cache folder (replaced if it exists)")
+    cl.add_argument("--dataset", default="shapes", help="shapes, or a folder of images with captions")
+    cl.add_argument("--image-size", dest="image_size", type=int, default=64)
+    cl.add_argument("--items", type=int, default=10_000, help="items 0..N-1 of the data set")
+    cl.add_argument("--seed", type=int, default=0, help="the data set's seed (as the training run's)")
+    cl.add_argument("--batch-size", dest="batch_size", type=int, default=64)
+    cl.set_defaults(fn=_cache_latents)
 
     ev = sub.add_parser("eval-vae", help="a VAE's reconstruction PSNR, judge accuracy and speed on held-out Shapes")
     ev.add_argument("model", help="an inkwash VAE file (as train-vae writes)")

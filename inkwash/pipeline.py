@@ -114,6 +114,15 @@ def to_pil(x: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in to_uint8_hwc(x)]
 
 
+def handoff_index(process: Process, times: torch.Tensor, handoff: float) -> int:
+    """Grid index where a base model hands over to a refiner: the first time at or below normalised time
+    1 - handoff (0 = the refiner does everything, len(times) - 1 = the base does everything)."""
+    if not 0.0 <= handoff <= 1.0:
+        raise UserError(f"handoff is the fraction of denoising the base model does, in [0, 1]; got {handoff}")
+    u = process.normalized_time(times[:-1])
+    return int((u > 1.0 - handoff + 1e-9).sum())
+
+
 @dataclass
 class SamplingRun:
     """One prepared sampling call: the guided model, starting noise, time grid and settings."""
@@ -126,13 +135,31 @@ class SamplingRun:
     process: Process
     vae: Any = None  # latent models: the autoencoder that turns the sampled latents into images
 
-    def __call__(self, callback: Callable | None = None) -> torch.Tensor:
+    def __call__(self, callback: Callable | None = None, refiner: SamplingRun | None = None,
+                 handoff: float = 0.8) -> torch.Tensor:  # fmt: skip
         """Run the sampler; later noise of stochastic samplers comes from a generator seeded by the first seed.
-        Images [N, 3, H, W] in [-1, 1] (decoded from latents for a latent model)."""
+        Images [N, 3, H, W] in [-1, 1] (decoded from latents for a latent model).
+
+        With a `refiner` (another model's run, prepared for the same prompts), SDXL's ensemble of expert
+        denoisers: this model takes the grid while the normalised time is above 1 - handoff (the first
+        `handoff` of the denoising), the refiner the rest, from the same noisy latent and generator."""
         gen = torch.Generator().manual_seed(self.seeds[0])
         sampler = SAMPLERS[self.settings.sampler]
-        out = sampler(self.model, self.x, self.times, process=self.process, generator=gen, callback=callback)
-        return self.to_images(out)
+        if refiner is None:
+            out = sampler(self.model, self.x, self.times, process=self.process, generator=gen, callback=callback)
+            return self.to_images(out)
+        k = handoff_index(self.process, self.times, handoff)
+        n = len(self.times) - 1
+
+        def shifted(offset: int):  # step numbers across both parts
+            return None if callback is None else (lambda i, _, x, x0: callback(i + offset, n, x, x0))
+
+        x = self.x
+        if k > 0:
+            x = sampler(self.model, x, self.times[: k + 1], process=self.process, generator=gen, callback=shifted(0))
+        if k < n:
+            x = sampler(refiner.model, x, self.times[k:], process=self.process, generator=gen, callback=shifted(k))
+        return self.to_images(x)
 
     def to_images(self, x: torch.Tensor) -> torch.Tensor:
         """The sampler's space -> images in [-1, 1]: a decode for latent models, the identity for pixel ones."""
@@ -277,29 +304,48 @@ class Pipeline:
         size: int | None = None,
         callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
         precision: str = "fp32",
+        refiner: Pipeline | None = None,
+        handoff: float = 0.8,
         **overrides,
     ) -> torch.Tensor:
         """Images [N, 3, H, W] in [-1, 1]; "" is the unconditional prompt. Image i starts from noise seeded
         `seed + i` (or `seed[i]` for a list) on the CPU, so it does not depend on the device or on the rest of
         the batch; stochastic samplers draw their later noise from one generator seeded by the first seed.
-        `precision="bf16"` runs the network under bf16 autocast; the sampler's state stays float32."""
+        `precision="bf16"` runs the network under bf16 autocast; the sampler's state stays float32.
+        `refiner`: a second model that does the last 1 - `handoff` of the denoising (SDXL base + refiner)."""
         run = self.prepare(prompt, negative_prompt=negative_prompt, n=n, seed=seed, size=size, **overrides)
+        second = None
+        if refiner is not None:
+            self.check_refiner(refiner)
+            second = refiner.prepare(prompt, negative_prompt=negative_prompt, n=n, seed=seed, size=size, **overrides)
         with autocast_for(precision, self.device)():
-            return run(callback)
+            return run(callback, second, handoff)
+
+    def check_refiner(self, refiner: Pipeline) -> None:
+        """A refiner must continue in the same space: the same process, channels and autoencoder."""
+        a, b = self.vae, refiner.vae
+        same_vae = (a is None and b is None) or (
+            a is not None and b is not None and a.cfg == b.cfg
+            and all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+        )  # fmt: skip
+        if self.process.to_dict() != refiner.process.to_dict() or self.channels != refiner.channels or not same_vae:
+            raise UserError(f"{refiner.name} cannot refine {self.name}: a refiner needs the same noise process, "
+                            "channels and autoencoder as the base model")  # fmt: skip
 
     def __call__(self, prompt: str | list[str], *, negative_prompt: str = "", n: int = 1, seed: int = 0,
-                 size: int | None = None, callback=None, precision: str = "fp32",
-                 **overrides) -> list[Image.Image]:  # fmt: skip
+                 size: int | None = None, callback=None, precision: str = "fp32", refiner: Pipeline | None = None,
+                 handoff: float = 0.8, **overrides) -> list[Image.Image]:  # fmt: skip
         """PIL images carrying A1111-style `parameters` text."""
         if any(not p.strip() for p in ([prompt] if isinstance(prompt, str) else prompt)):
             raise UserError('the prompt is empty; say what to draw, e.g. "a red circle"')
         x = self.generate(prompt, negative_prompt=negative_prompt, n=n, seed=seed, size=size, callback=callback,
-                          precision=precision, **overrides)  # fmt: skip
+                          precision=precision, refiner=refiner, handoff=handoff, **overrides)  # fmt: skip
         s, size = self.settings(**overrides), x.shape[-1]
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        model = self.name if refiner is None else f"{self.name}, Refiner: {refiner.name}, Refiner switch at: {handoff}"
         images = to_pil(x)
         for i, img in enumerate(images):
-            img.info["parameters"] = png_parameters(prompts[i // n], negative_prompt, s, seed + i, size, self.name)
+            img.info["parameters"] = png_parameters(prompts[i // n], negative_prompt, s, seed + i, size, model)
         return images
 
     # --- facts ----------------------------------------------------------------------------------

@@ -126,3 +126,73 @@ def test_the_server_batches_latent_models_and_previews_decoded_images(tmp_path):
     for i, d in enumerate(out["data"]):
         got = np.asarray(Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))), dtype=int)
         assert got.shape == (32, 32, 3) and np.abs(got - want[i].astype(int)).max() <= 2
+
+
+# --- SDXL's base + refiner --------------------------------------------------------------------------------
+
+
+def test_refiner_training_draws_only_low_noise_times():
+    from inkwash.diffusion import TimeSampler
+
+    u = TimeSampler(high=0.2).draw_u(10_000, torch.Generator().manual_seed(0))
+    assert u.min() >= 0 and u.max() <= 0.2 and abs(u.mean().item() - 0.1) < 0.005
+    with pytest.raises(UserError, match="0 <= low < high <= 1"):
+        TimeSampler(low=0.5, high=0.2)
+
+
+def test_base_and_refiner_split_the_grid_at_the_handoff(tmp_path, lively_model_file):
+    from inkwash.pipeline import handoff_index
+
+    base, refiner = Pipeline.from_file(lively_model_file), Pipeline.from_file(lively_model_file)
+    with torch.no_grad():
+        for p in refiner.net.parameters():
+            p.mul_(1.1)
+    times = base.prepare("a circle", steps=10, sampler="euler").times
+    assert handoff_index(base.process, times, 0.8) == 8 and handoff_index(base.process, times, 0.0) == 0
+    kw = {"seed": 3, "steps": 10, "sampler": "euler"}
+    alone = base.generate("a red circle", **kw)
+    assert torch.equal(base.generate("a red circle", refiner=refiner, handoff=1.0, **kw), alone)
+    assert torch.allclose(base.generate("a red circle", refiner=refiner, handoff=0.0, **kw),
+                          refiner.generate("a red circle", **kw), atol=1e-6)  # fmt: skip
+    mixed = base.generate("a red circle", refiner=refiner, handoff=0.8, **kw)
+    assert (mixed - alone).abs().max() > 1e-3
+    # by hand: the base's sampler to the hand-off, the refiner's from there, one generator throughout
+    from inkwash.sampling import SAMPLERS
+
+    run, second = base.prepare("a red circle", **kw), refiner.prepare("a red circle", **kw)
+    x = SAMPLERS["euler"](run.model, run.x, run.times[:9], process=base.process)
+    x = SAMPLERS["euler"](second.model, x, run.times[8:], process=base.process)
+    assert torch.allclose(mixed, x.clamp(-1, 1), atol=1e-6)
+    steps = []
+    base.generate("a red circle", refiner=refiner, callback=lambda i, n, x, x0: steps.append((i, n)), **kw)
+    assert steps == [(i, 10) for i in range(10)]
+
+
+def test_a_refiner_from_another_space_is_refused(tmp_path, lively_model_file):
+    latent = Pipeline.from_file(train(latent_cfg(tmp_path, vae_file(tmp_path / "vae.safetensors"), steps=1)))
+    with pytest.raises(UserError, match="cannot refine"):
+        Pipeline.from_file(lively_model_file).generate("a circle", refiner=latent)
+    with pytest.raises(UserError, match="handoff is the fraction"):
+        latent.generate("a circle", refiner=latent, handoff=1.5)
+
+
+def test_cli_caches_latents_trains_on_them_and_generates_with_a_refiner(tmp_path, capsys):
+    from PIL import Image as PILImage
+
+    from inkwash.cli import main
+
+    vae = vae_file(tmp_path / "vae.safetensors")
+    assert main(["cache-latents", "--vae", str(vae), "-o", str(tmp_path / "cache"), "--image-size", "32",
+                 "--items", "6"]) == 0  # fmt: skip
+    assert "6 items, moments (8, 16, 16) each" in capsys.readouterr().out
+    base = train(latent_cfg(tmp_path, vae, steps=1, latent_cache=str(tmp_path / "cache")))
+    refiner = train(latent_cfg(tmp_path, vae, steps=1, output_dir=str(tmp_path / "refiner"),
+                               time_sampling_args={"high": 0.2}))  # fmt: skip
+    out = tmp_path / "x.png"
+    code = main(["generate", "a red circle", "--model", str(base), "--refiner", str(refiner), "--handoff", "0.6",
+                 "-o", str(out)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    params = PILImage.open(out).text["parameters"]
+    assert "Refiner: model, Refiner switch at: 0.6" in params and PILImage.open(out).size == (32, 32)
+    assert main(["cache-latents", "--vae", str(tmp_path / "none.safetensors"), "-o", str(tmp_path / "c2")]) == 2
+    assert "does not exist" in capsys.readouterr().err

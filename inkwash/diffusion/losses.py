@@ -23,25 +23,31 @@ class TimeSampler:
 
     uniform: u ~ U(0, 1).  logit_normal: u = sigmoid(N(mean, std)) (SD3, Esser et al. 2024, eq. 19).
     shifted: u ~ U(0, 1) then SD3's shift (the process's shift for Flow, `shift` otherwise).
+    `low`/`high` keep u in a part of the schedule: SDXL's refiner is trained on the low-noise fifth (high=0.2).
     """
 
     method: str = "uniform"
     mean: float = 0.0
     std: float = 1.0
     shift: float | None = None
+    low: float = 0.0
+    high: float = 1.0
 
     def __post_init__(self):
         if self.method not in TIME_SAMPLINGS:
             raise UserError(f"unknown time sampling {self.method!r}; valid: {', '.join(TIME_SAMPLINGS)}")
+        if not 0.0 <= self.low < self.high <= 1.0:
+            raise UserError(f"time sampling range needs 0 <= low < high <= 1, got low={self.low}, high={self.high}")
 
     def draw_u(self, n: int, generator: torch.Generator | None, process=None) -> torch.Tensor:
         if self.method == "logit_normal":
-            return torch.sigmoid(self.mean + self.std * torch.randn(n, generator=generator, dtype=torch.float64))
-        u = torch.rand(n, generator=generator, dtype=torch.float64)
+            u = torch.sigmoid(self.mean + self.std * torch.randn(n, generator=generator, dtype=torch.float64))
+        else:
+            u = torch.rand(n, generator=generator, dtype=torch.float64)
         if self.method == "shifted":
             shift = self.shift if self.shift is not None else (process.shift if isinstance(process, Flow) else 1.0)
             u = shift_time(u, shift)
-        return u
+        return self.low + (self.high - self.low) * u
 
     def to_dict(self) -> dict:
         return asdict(self)
