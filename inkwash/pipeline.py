@@ -80,6 +80,18 @@ def text_cond(emb, model_cfg) -> dict[str, torch.Tensor]:
     return cond
 
 
+MICRO_CONDITIONS = ("original height", "original width", "crop top", "crop left", "target height", "target width")
+
+
+def micro_conditions(model_cfg, b: int, size: int, original: int, crop: tuple[int, int], device=None) -> torch.Tensor:
+    """SDXL's six micro-conditions per image, [b, 6]: (original h, w, crop top, left, target h, w) in pixels."""
+    if model_cfg.micro_conditions != len(MICRO_CONDITIONS):
+        raise UserError(f"this network takes {model_cfg.micro_conditions} micro-conditions; inkwash supplies "
+                        f"SDXL's {len(MICRO_CONDITIONS)}: {', '.join(MICRO_CONDITIONS)}")  # fmt: skip
+    row = [original, original, crop[0], crop[1], size, size]
+    return torch.tensor([row] * b, dtype=torch.float32, device=device)
+
+
 def fit_to_encoder(model_cfg, encoder: TextEncoder):
     """The network config with its cross-attention and pooled-vector widths set to the encoder's."""
     widths = (("context_dim", encoder.dim), ("y_dim", encoder.pooled_dim))
@@ -265,6 +277,8 @@ class Pipeline:
         seed: int | list[int] = 0,
         size: int | None = None,
         net: Callable | None = None,
+        original_size: int | None = None,
+        crop: tuple[int, int] = (0, 0),
         **overrides,
     ) -> SamplingRun:
         """Validate, encode the text and draw the starting noise: everything `generate` samples with.
@@ -285,6 +299,11 @@ class Pipeline:
             raise UserError(f"{len(seeds)} seeds given for {b} images")
         cond = text_cond(self.encoder(prompts), self.model_cfg)
         uncond = text_cond(self.encoder([negative_prompt] * b), self.model_cfg) if s.guidance != 1 else None
+        if getattr(self.model_cfg, "micro_conditions", 0):  # SDXL: ask for a full-size, uncropped original
+            micro = micro_conditions(self.model_cfg, b, size, original_size or size, crop, self.device)
+            cond["micro"] = micro
+            if uncond is not None:
+                uncond["micro"] = micro
         denoiser = Denoiser(self.net if net is None else net, self.process, self.prediction)
         times = make_times(self.process, s.steps, s.schedule)
         side = size // self.latent_factor

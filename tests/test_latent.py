@@ -196,3 +196,42 @@ def test_cli_caches_latents_trains_on_them_and_generates_with_a_refiner(tmp_path
     assert "Refiner: model, Refiner switch at: 0.6" in params and PILImage.open(out).size == (32, 32)
     assert main(["cache-latents", "--vae", str(tmp_path / "none.safetensors"), "-o", str(tmp_path / "c2")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# --- SDXL micro-conditioning ------------------------------------------------------------------------------
+
+MICRO_NET = {**TINY_NET, "micro_conditions": 6, "micro_embed_dim": 8}
+
+
+def test_micro_augment_renders_lowres_originals_and_zoomed_crops_and_says_so(tmp_path):
+    cfg = TrainConfig(model=MICRO_NET, text_encoder=TINY_TEXT, image_size=32, batch_size=8, steps=1,
+                      output_dir=str(tmp_path / "run"), sample_prompts=(),
+                      micro_augment={"lowres": 0.4, "min_side": 8, "zoom": 0.4, "max_zoom": 1.5})  # fmt: skip
+    tr = Trainer(cfg)
+    images, _ = tr._chunk(0)
+    out, micro = tr._augment_micro(images, 0)
+    assert micro.shape == (8, 6) and (micro[:, 4:] == 32).all()
+    kinds = set()
+    for img, src, (oh, ow, top, left, _, _) in zip(out, images, micro.tolist()):
+        if oh < 32:  # a low-resolution original, upsampled
+            kinds.add("lowres")
+            assert 8 <= oh == ow and top == left == 0
+            small = torch.nn.functional.interpolate(src[None], size=(int(oh), int(oh)), mode="area")
+            want = torch.nn.functional.interpolate(small, size=(32, 32), mode="bilinear", align_corners=False)[0]
+            assert torch.allclose(img, want, atol=1e-6)
+        elif top or left:  # a crop of a zoomed image
+            kinds.add("zoom")
+            assert oh == ow == 32 and 0 <= top <= 16 and 0 <= left <= 16
+        else:
+            assert torch.equal(img, src)
+    assert kinds == {"lowres", "zoom"}
+    again, micro2 = tr._augment_micro(images, 0)  # seeded by (seed, step, chunk)
+    assert torch.equal(again, out) and torch.equal(micro2, micro)
+    path = train(cfg)
+    pipe = Pipeline.from_file(path)
+    run = pipe.prepare("a circle", n=2, original_size=16, crop=(3, 4))
+    assert run.model.cond["micro"].tolist() == [[16, 16, 3, 4, 32, 32]] * 2
+    assert pipe.prepare("a circle").model.cond["micro"].tolist() == [[32, 32, 0, 0, 32, 32]]
+    assert pipe.generate("a circle", steps=2).shape == (1, 3, 32, 32)
+    with pytest.raises(UserError, match="micro_augment options"):
+        TrainConfig(micro_augment={"blur": 0.5})

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -74,6 +75,8 @@ class TrainConfig:
     dataset: str = "shapes"  # "shapes" or a folder path
     vae: str | None = None  # an autoencoder file (inkwash train-vae): the model then learns in its latent space
     latent_cache: str | None = None  # a folder from `inkwash cache-latents` (made with `vae`) instead of encoding
+    micro_augment: dict = field(default_factory=dict)  # SDXL micro-conditioning: {"lowres": p, "min_side": px,
+    #   "zoom": p, "max_zoom": z}: low-resolution originals and zoomed crops, told to the network as micro-conditions
     dataset_args: dict = field(default_factory=dict)  # data set options, e.g. Shapes' {"omit_colour": 0.3}
     data_workers: int = 0  # processes that load / render batches ahead of the loop; 0 = in the loop
     image_size: int = 32
@@ -136,6 +139,14 @@ class TrainConfig:
         if self.text_cache_entries is not None and self.text_cache_entries < 0:
             raise UserError(f"text_cache_entries must be >= 0 (or null for no bound), got {self.text_cache_entries}.")
         self.dataset_args = dict(self.dataset_args)
+        self.micro_augment = dict(self.micro_augment)
+        unknown = set(self.micro_augment) - {"lowres", "min_side", "zoom", "max_zoom"}
+        if unknown:
+            raise UserError(
+                f"Unknown micro_augment options {sorted(unknown)}; valid: lowres, min_side, zoom, max_zoom."
+            )
+        if self.micro_augment.get("lowres", 0) + self.micro_augment.get("zoom", 0) > 1:
+            raise UserError("micro_augment's lowres and zoom are probabilities of one image; their sum must be <= 1.")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (tuples become lists)."""
@@ -400,6 +411,35 @@ class Trainer:
         return vae, file_sha256(cfg.vae)
 
     @torch.no_grad()
+    def _augment_micro(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL's micro-conditioning (Podell et al. 2023, 2.2) on our data: with probability `lowres` an image
+        is rendered from a smaller original (area-downsampled to r px, upsampled back; original size r), with
+        probability `zoom` it is a crop of an upsampled image (crop top/left told). Returns the images and
+        their conditions [B, 6] = (original h, w, crop top, left, target h, w). Cached latents: no change."""
+        size, a = self.cfg.image_size, self.cfg.micro_augment
+        rows = [[size, size, 0, 0, size, size] for _ in range(x.shape[0])]
+        if a and not self.cfg.latent_cache:
+            g = generator_for(self.cfg.seed, "micro", self.step, k)
+            out = []
+            for i, row in enumerate(rows):
+                img, u = x[i : i + 1], torch.rand(4, generator=g, dtype=torch.float64).tolist()
+                if u[0] < a.get("lowres", 0.0):
+                    lo = a.get("min_side", max(4, size // 4))
+                    r = lo + int(u[1] * (size - lo))
+                    img = F.interpolate(F.interpolate(img, size=(r, r), mode="area"), size=(size, size),
+                                        mode="bilinear", align_corners=False)  # fmt: skip
+                    row[0] = row[1] = r
+                elif u[0] < a.get("lowres", 0.0) + a.get("zoom", 0.0):
+                    side = round(size * (1 + u[1] * (a.get("max_zoom", 1.5) - 1)))
+                    top, left = int(u[2] * (side - size + 1)), int(u[3] * (side - size + 1))
+                    img = F.interpolate(img, size=(side, side), mode="bilinear", align_corners=False)
+                    img = img[..., top : top + size, left : left + size]
+                    row[2], row[3] = top, left
+                out.append(img)
+            x = torch.cat(out)
+        return x, torch.tensor(rows, dtype=torch.float32, device=x.device)
+
+    @torch.no_grad()
     def _latents(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """Images (or cached posterior moments) of chunk k -> diffusion latents: a posterior sample, seeded by
         (seed, step, chunk), scaled by the autoencoder's latent scale and shift."""
@@ -442,11 +482,16 @@ class Trainer:
     def _micro(self, k: int, bins: torch.Tensor) -> torch.Tensor:
         """Forward + backward of chunk k; returns the summed (unscaled) loss, adds to the time bins."""
         images, captions = self._chunk(k)
+        micro = self._augment_micro(images, k) if self.model_cfg.micro_conditions else None
+        if micro is not None:
+            images, micro = micro
         if self.vae is not None:
             images = self._latents(images, k)
         # Frozen encoders run outside autocast so their cached embeddings stay float32.
         with self.autocast() if self.trainable_text else nullcontext():
             cond = text_cond(self.ddp_encoder(captions), self.model_cfg)
+        if micro is not None:
+            cond["micro"] = micro
         with self.autocast():
             loss, t = diffusion_loss(
                 self.denoiser,
