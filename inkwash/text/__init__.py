@@ -14,7 +14,7 @@ from inkwash.errors import UserError
 from inkwash.text.base import TextEmbedding, TextEncoder
 from inkwash.text.cache import CachedTextEncoder
 
-ENCODER_NAMES = ("minilm", "small", "none", "class")
+ENCODER_NAMES = ("minilm", "small", "none", "class", "dual")
 
 
 @dataclass
@@ -22,7 +22,7 @@ class TextEncoderConfig:
     """Which text encoder to build, and its knobs. Fields a given encoder does not use are ignored by it.
 
     minilm: max_length, truncate.  small: dim, layers, heads, max_length, truncate.
-    none: dim.  class: labels, dim.
+    none: dim.  class: labels, dim.  dual: encoders (configs of two or more), combine, pooled (see dual.py).
     """
 
     name: str = "minilm"
@@ -32,16 +32,24 @@ class TextEncoderConfig:
     layers: int = 4
     heads: int = 4
     labels: tuple[str, ...] = field(default_factory=tuple)
+    encoders: tuple[TextEncoderConfig, ...] = field(default_factory=tuple)
+    combine: str = "features"
+    pooled: str = "last"
 
     def __post_init__(self) -> None:
         if self.name not in ENCODER_NAMES:
             valid = ", ".join(ENCODER_NAMES)
             raise UserError(f"Unknown text encoder {self.name!r}; valid ones are {valid}.")
         self.labels = tuple(self.labels)
+        self.encoders = tuple(
+            e if isinstance(e, TextEncoderConfig) else TextEncoderConfig(name=e) if isinstance(e, str)
+            else TextEncoderConfig.from_dict(dict(e)) for e in self.encoders
+        )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["labels"] = list(self.labels)
+        d["encoders"] = [e.to_dict() for e in self.encoders]
         return d
 
     @classmethod
@@ -61,6 +69,10 @@ def build_text_encoder(cfg: TextEncoderConfig | str) -> TextEncoder:
         from inkwash.text.small import SmallTextEncoder
 
         return SmallTextEncoder(cfg.dim, cfg.layers, cfg.heads, cfg.max_length, cfg.truncate)
+    if cfg.name == "dual":
+        from inkwash.text.dual import DualTextEncoder
+
+        return DualTextEncoder([build_text_encoder(e) for e in cfg.encoders], cfg.combine, cfg.pooled)
     from inkwash.text.simple import ClassLabelEncoder, NullEncoder
 
     if cfg.name == "none":
