@@ -16,6 +16,10 @@ stacks with BatchNorm, stride 2) with hinge loss, switched on at `adversarial_st
 adaptive (the ratio of the reconstruction and GAN gradient norms at the decoder's last layer, as in taming)
 unless `adaptive_weight` is false.
 
+The posterior's log-variance starts at `logvar_init` (-6 by default: nearly deterministic), not at the
+layer's default of about 0, where the posterior noise is as large as the latents and learning detail waits
+for the encoder to push it down.
+
 Data order and noise follow the diffusion trainer: step s reads positions s*B ... of the data set's seeded
 order, and its posterior-sample noise comes from a generator seeded by (seed, "vae-noise", s), so a resumed
 run needs no RNG replay and is bit-identical to a straight one.
@@ -98,6 +102,7 @@ class VAETrainConfig:
     disc_layers: int = 2
     disc_lr: float | None = None  # None = lr
     ema_decay: float = 0.0  # 0 = off; the model file then holds the raw weights
+    logvar_init: float | None = -6.0  # initial bias of the posterior's log-variance; None = the layer's default
     steps: int = 1000
     seed: int = 0
     output_dir: str = "runs/vae"
@@ -290,6 +295,14 @@ class VAETrainer:
             )
         torch.manual_seed(seed_for(cfg.seed, "vae-init"))
         self.net = VAE(self.model_cfg).to(self.device)
+        if cfg.logvar_init is not None:
+            # Start nearly deterministic (posterior std e^-3 = 0.05): from the default bias of ~0 (std ~1, as
+            # large as the latents themselves) the encoder spends thousands of steps pushing the noise down
+            # before the decoder can learn detail. The KL term is free to move it afterwards.
+            z = self.model_cfg.latent_channels
+            last = self.net.quant_conv if self.model_cfg.use_quant_conv else self.net.encoder.conv_out
+            with torch.no_grad():
+                last.bias[z:] = cfg.logvar_init
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, betas=cfg.betas,
                                      weight_decay=cfg.weight_decay, eps=1e-8)  # fmt: skip
         self.ema = EMA(self.net, cfg.ema_decay) if cfg.ema_decay else None
