@@ -21,7 +21,7 @@ from PIL import Image, PngImagePlugin
 from .data.base import to_uint8_hwc
 from .diffusion import Denoiser, Process, process_from_dict
 from .errors import UserError
-from .formats.checkpoint import load_model_file, strip_prefix
+from .formats.checkpoint import load_exact, load_model_file, strip_prefix
 from .models.registry import build_model, config_from_dict, config_to_dict, get_preset
 from .sampling import SAMPLERS, Guided, get_sampler, make_times
 from .text import TextEncoderConfig, build_text_encoder
@@ -403,14 +403,7 @@ def build_model_on_meta(cfg) -> torch.nn.Module:
 
 
 def _load_strict(module: torch.nn.Module, sd: dict, path: Path, what: str) -> None:
-    missing, unexpected = module.state_dict().keys() - sd.keys(), sd.keys() - module.state_dict().keys()
-    if missing or unexpected:
-        raise UserError(f"model file {path} does not match its {what} config "
-                        f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")  # fmt: skip
-    try:
-        module.load_state_dict(sd)
-    except RuntimeError as e:
-        raise UserError(f"model file {path} has {what} weights of the wrong shape: {str(e).splitlines()[-1]}") from None
+    load_exact(module, sd, f"the {what} weights in model file {path}")
 
 
 def load_vae(path: str | os.PathLike) -> torch.nn.Module:

@@ -162,6 +162,20 @@ def file_sha256(path: str | os.PathLike | None) -> str | None:
     return h.hexdigest()[:16]
 
 
+def load_exact(module: torch.nn.Module, sd: dict, what: str, *, assign: bool = False) -> torch.nn.Module:
+    """Load a state dict whose keys must be exactly the module's; one UserError sentence naming the missing and
+    unexpected keys, or the mismatched shape. `what` names the weights ("diffusers VAE weights", ...)."""
+    own = module.state_dict().keys()
+    missing, unexpected = sorted(own - sd.keys()), sorted(sd.keys() - own)
+    if missing or unexpected:
+        raise UserError(f"{what} do not fit: missing {missing[:6]}, unexpected {unexpected[:6]}")
+    try:
+        module.load_state_dict(sd, assign=assign)
+    except RuntimeError as e:
+        raise UserError(f"{what} have the wrong shape: {str(e).splitlines()[-1].strip()}") from None
+    return module
+
+
 def strip_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The state dict under `prefix` ("model" or "model."), with the prefix removed."""
     prefix = prefix if prefix.endswith(".") else prefix + "."

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import torch
 
 from inkwash.errors import UserError
+from inkwash.formats.checkpoint import load_exact
 from inkwash.models.unet import UNet, UNetConfig
 
 # diffusers settings we do not implement, with the only value we accept.
@@ -191,14 +192,7 @@ def unet_from_diffusers(config: Mapping, sd: Mapping[str, torch.Tensor]) -> UNet
     with torch.device("meta"):
         model = UNet(cfg)
     converted = unet_state_dict_from_diffusers(sd)
-    expected = set(model.state_dict())
-    if set(converted) != expected:
-        raise UserError(
-            "diffusers U-Net weights do not fit the config: "
-            f"missing {sorted(expected - set(converted))}, unexpected {sorted(set(converted) - expected)}"
-        )
-    model.load_state_dict(converted, assign=True)
-    return model
+    return load_exact(model, converted, "diffusers U-Net weights", assign=True)
 
 
 def unet_config_to_diffusers(cfg: UNetConfig) -> dict:

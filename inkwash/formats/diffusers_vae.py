@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import torch
 
 from inkwash.errors import UserError
+from inkwash.formats.checkpoint import load_exact
 from inkwash.models.vae import VAE, VAEConfig
 
 # diffusers settings we do not implement, with the only value we accept.
@@ -190,11 +191,4 @@ def vae_from_diffusers(config: Mapping, sd: Mapping[str, torch.Tensor]) -> VAE:
     with torch.device("meta"):
         model = VAE(cfg)
     converted = from_diffusers_vae(sd)
-    expected = set(model.state_dict())
-    if set(converted) != expected:
-        raise UserError(
-            "diffusers VAE weights do not fit the config: "
-            f"missing {sorted(expected - set(converted))}, unexpected {sorted(set(converted) - expected)}"
-        )
-    model.load_state_dict(converted, assign=True)
-    return model
+    return load_exact(model, converted, "diffusers VAE weights", assign=True)

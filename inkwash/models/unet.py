@@ -151,7 +151,9 @@ class UNet(nn.Module):
         fourier = {"flip_sin_to_cos": cfg.flip_sin_to_cos, "freq_shift": cfg.freq_shift}
         emb = self.time_embed(timestep_embedding(t, cfg.model_channels, **fourier).to(dtype))  # [B, E]
         if (y is None) != (cfg.y_dim == 0):
-            raise ValueError(f"this U-Net needs y [B, {cfg.y_dim}]" if cfg.y_dim else "this U-Net has y_dim=0 but was given y")
+            raise ValueError(
+                f"this U-Net needs y [B, {cfg.y_dim}]" if cfg.y_dim else "this U-Net has y_dim=0 but was given y"
+            )
         if (micro is None) != (cfg.micro_conditions == 0):
             raise ValueError(f"this U-Net needs micro [B, {cfg.micro_conditions}]" if cfg.micro_conditions
                              else "this U-Net takes no micro-conditions")  # fmt: skip
