@@ -103,6 +103,9 @@ def test_load_vae_round_trip_and_clear_errors(tmp_path):
     path = save_vae(tmp_path / "v.safetensors", vae, image_size=32, latent_stats={"mean": 0, "std": 1, "images": 1})
     back = load_vae(path)
     assert back.cfg == vae.cfg
+    from inkwash.pipeline import load_vae as pipeline_load_vae  # what latent pipelines read
+
+    assert pipeline_load_vae(path).cfg == vae.cfg
     for k, v in vae.state_dict().items():
         assert torch.equal(v, back.state_dict()[k]), k
     x = torch.rand(2, 3, 32, 32) * 2 - 1

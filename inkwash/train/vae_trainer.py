@@ -173,12 +173,7 @@ def save_vae(path: str | Path, vae: VAE, *, image_size: int, train_args: dict | 
         "latent_stats": latent_stats,
     }
     sd = {k: v.detach().float().cpu().contiguous() for k, v in (state_dict or vae.state_dict()).items()}
-    try:
-        return ckpt.save_model(path, {"vae": sd}, meta)
-    except ValueError:
-        # checkpoint.save_model knows only the "model" / "text_encoder" prefixes so far: same file, same
-        # format and version, written with its own helpers.
-        return ckpt._save(path, ckpt._flatten({"vae": sd}), {**meta, "format": ckpt.FORMAT, "version": ckpt.VERSION})
+    return ckpt.save_model(path, {"vae": sd}, meta)
 
 
 def load_vae(path: str | Path, device: str | torch.device = "cpu") -> VAE:
