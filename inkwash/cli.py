@@ -42,52 +42,41 @@ def _parse_value(text: str):
         return text
 
 
-def _train(args) -> None:
-    from .train.trainer import TrainConfig, train
-
+def _options(args, what: str, flags: tuple[str, ...]) -> dict:
+    """A training run's options: the --config JSON file, then each --set key=value, then the named flags."""
     cfg = {}
     if args.config:
         path = Path(args.config)
         if not path.exists():
-            raise UserError(f"training config {path} does not exist")
+            raise UserError(f"{what} config {path} does not exist")
         try:
             cfg = json.loads(path.read_text())
         except json.JSONDecodeError as e:
-            raise UserError(f"training config {path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+            raise UserError(f"{what} config {path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+        if not isinstance(cfg, dict):
+            raise UserError(f"{what} config {path} must hold a JSON object of options")
     for item in args.set or []:
         key, eq, value = item.partition("=")
         if not eq:
             raise UserError(f"--set takes key=value, got {item!r}")
         cfg[key.replace("-", "_")] = _parse_value(value)
-    for key in ("output_dir", "steps", "eval_every"):
+    for key in flags:
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
-    path = train(TrainConfig.from_dict(cfg), resume=args.resume)
-    print(path)
+    return cfg
+
+
+def _train(args) -> None:
+    from .train.trainer import TrainConfig, train
+
+    cfg = _options(args, "training", ("output_dir", "steps", "eval_every"))
+    print(train(TrainConfig.from_dict(cfg), resume=args.resume))
 
 
 def _train_vae(args) -> None:
     from .train.vae_trainer import VAETrainConfig, train_vae
 
-    cfg = {}
-    if args.config:
-        path = Path(args.config)
-        if not path.exists():
-            raise UserError(f"VAE training config {path} does not exist")
-        try:
-            cfg = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"VAE training config {path} is not valid JSON ({e.msg}, line {e.lineno})") from None
-        if not isinstance(cfg, dict):
-            raise UserError(f"VAE training config {path} must hold a JSON object of options")
-    for item in args.set or []:
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise UserError(f"--set takes key=value, got {item!r}")
-        cfg[key.replace("-", "_")] = _parse_value(value)
-    for key in ("output_dir", "steps"):
-        if getattr(args, key) is not None:
-            cfg[key] = getattr(args, key)
+    cfg = _options(args, "VAE training", ("output_dir", "steps"))
     print(train_vae(VAETrainConfig.from_dict(cfg), resume=args.resume))
 
 
