@@ -42,19 +42,21 @@ def _parse_value(text: str):
         return text
 
 
+def _read_json(name: str, what: str):
+    path = Path(name)
+    if not path.exists():
+        raise UserError(f"{what} {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{what} {path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+
+
 def _options(args, what: str, flags: tuple[str, ...]) -> dict:
     """A training run's options: the --config JSON file, then each --set key=value, then the named flags."""
-    cfg = {}
-    if args.config:
-        path = Path(args.config)
-        if not path.exists():
-            raise UserError(f"{what} config {path} does not exist")
-        try:
-            cfg = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{what} config {path} is not valid JSON ({e.msg}, line {e.lineno})") from None
-        if not isinstance(cfg, dict):
-            raise UserError(f"{what} config {path} must hold a JSON object of options")
+    cfg = _read_json(args.config, f"{what} config") if args.config else {}
+    if not isinstance(cfg, dict):
+        raise UserError(f"{what} config {args.config} must hold a JSON object of options")
     for item in args.set or []:
         key, eq, value = item.partition("=")
         if not eq:
@@ -148,15 +150,7 @@ def _serve(args) -> None:
 
     from .serve.app import Limits, ServeConfig, serve
 
-    arena = None
-    if args.arena:
-        path = Path(args.arena)
-        if not path.exists():
-            raise UserError(f"arena file {path} does not exist")
-        try:
-            arena = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"arena file {path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+    arena = _read_json(args.arena, "arena file") if args.arena else None
     keys = tuple(args.api_key or ()) + tuple(k for k in os.environ.get("INKWASH_API_KEYS", "").split(",") if k)
     limits = Limits(max_size=args.max_size, max_steps=args.max_steps, max_n=args.max_n, max_queue=args.max_queue)
     cfg = ServeConfig(
