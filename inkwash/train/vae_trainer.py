@@ -48,13 +48,12 @@ from inkwash.errors import UserError
 from inkwash.formats import checkpoint as ckpt
 from inkwash.formats.checkpoint import (
     flatten_optimizer_state,
-    load_model_file,
     load_state,
     save_state,
-    strip_prefix,
     unflatten_optimizer_state,
 )
 from inkwash.models.vae import VAE, VAEConfig
+from inkwash.pipeline import load_vae  # noqa: F401 - re-exported; the one reader of autoencoder files
 from inkwash.train.ema import EMA
 from inkwash.train.trainer import (
     LR_DECAYS,
@@ -174,24 +173,6 @@ def save_vae(path: str | Path, vae: VAE, *, image_size: int, train_args: dict | 
     }
     sd = {k: v.detach().float().cpu().contiguous() for k, v in (state_dict or vae.state_dict()).items()}
     return ckpt.save_model(path, {"vae": sd}, meta)
-
-
-def load_vae(path: str | Path, device: str | torch.device = "cpu") -> VAE:
-    """The VAE in an inkwash VAE file (eval mode); UserError if missing, not a VAE, or corrupt."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"VAE file {path} does not exist.")
-    meta, tensors = load_model_file(path)  # UserError for unreadable or foreign files
-    if meta.get("kind") != KIND or not isinstance(meta.get("vae"), dict):
-        raise UserError(f"{path} is an inkwash model file but not an autoencoder (kind {meta.get('kind')!r}).")
-    cfg = vae_config(meta["vae"])
-    vae = VAE(cfg)
-    try:
-        vae.load_state_dict(strip_prefix(tensors, "vae"))
-    except RuntimeError as e:
-        msg = str(e).splitlines()[0][:200]
-        raise UserError(f"VAE file {path} is corrupt: its weights do not fit its config ({msg}).") from None
-    return vae.to(device).eval()
 
 
 def read_vae_meta(path: str | Path) -> dict:
