@@ -168,6 +168,17 @@ def _info(args) -> None:
     print(json.dumps(load(args.model).info(), indent=2))
 
 
+def _run_parser(sub, name: str, help: str, options: str) -> argparse.ArgumentParser:
+    """A training command's parser: --config, --set, --output-dir, --steps, --resume (read by `_options`)."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("--config", help=f"a JSON file of options (see {options})")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one option (JSON value)")
+    p.add_argument("--output-dir", dest="output_dir", default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue exactly from the run's last checkpoint")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .eval.shapeseval import TASKS
     from .pipeline import PRECISIONS
@@ -194,22 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-o", "--output", default="out", help="a .png path, or a folder for numbered images")
     g.set_defaults(fn=_generate)
 
-    t = sub.add_parser("train", help="train a model (runs unchanged under torchrun)")
-    t.add_argument("--config", help="a JSON file of training options (see inkwash.train.TrainConfig)")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one option (JSON value)")
-    t.add_argument("--output-dir", dest="output_dir", default=None)
-    t.add_argument("--steps", type=int, default=None)
-    t.add_argument("--resume", action="store_true", help="continue exactly from the run's last checkpoint")
+    t = _run_parser(sub, "train", "train a model (runs unchanged under torchrun)", "inkwash.train.TrainConfig")
     t.add_argument("--eval-every", dest="eval_every", type=int, default=None, metavar="N",
                    help="a quick ShapesEval every N steps, logged to eval.jsonl with the training compute")  # fmt: skip
     t.set_defaults(fn=_train)
 
-    tv = sub.add_parser("train-vae", help="train a KL autoencoder for latent diffusion (resumable)")
-    tv.add_argument("--config", help="a JSON file of options (see inkwash.train.vae_trainer.VAETrainConfig)")
-    tv.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one option (JSON value)")
-    tv.add_argument("--output-dir", dest="output_dir", default=None)
-    tv.add_argument("--steps", type=int, default=None)
-    tv.add_argument("--resume", action="store_true", help="continue exactly from the run's last checkpoint")
+    tv = _run_parser(sub, "train-vae", "train a KL autoencoder for latent diffusion (resumable)",
+                     "inkwash.train.vae_trainer.VAETrainConfig")  # fmt: skip
     tv.set_defaults(fn=_train_vae)
 
     cl = sub.add_parser("cache-latents", help="encode a data set once with an autoencoder, for latent training")

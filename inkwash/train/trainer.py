@@ -164,6 +164,16 @@ class TrainingDiverged(UserError):
 # ---------------------------------------------------------------------------- building blocks
 
 
+def check_finite_weights(net: nn.Module, step: int, out: Path, what: str = "Training") -> None:
+    """Refuse to save non-finite weights: TrainingDiverged naming them (the last checkpoint stays intact)."""
+    bad = [n for n, p in net.state_dict().items() if p.is_floating_point() and not p.isfinite().all()]
+    if bad:
+        raise TrainingDiverged(
+            f"{what} diverged at step {step}: weights {bad[:3]} are not finite; "
+            f"the last checkpoint in {out} is intact (try a lower learning rate)."
+        )
+
+
 def seed_for(*parts: int | str) -> int:
     """A 63-bit generator seed from (seed, purpose, step, ...): independent streams, stable across runs."""
     digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
@@ -568,18 +578,9 @@ class Trainer:
     def _text_state(self) -> dict[str, torch.Tensor]:
         return self.encoder.state_dict() if self.trainable_text else {}
 
-    def _check_finite_weights(self) -> None:
-        sd = self.net.state_dict()
-        bad = [n for n, p in sd.items() if p.is_floating_point() and not p.isfinite().all()]
-        if bad:
-            raise TrainingDiverged(
-                f"Training diverged at step {self.step}: weights {bad[:3]} are not finite; "
-                f"the last checkpoint in {self.out} is intact (try a lower learning rate)."
-            )
-
     def save(self) -> Path:
         """Model file + state file (rank 0 only); every process waits for the write."""
-        self._check_finite_weights()
+        check_finite_weights(self.net, self.step, self.out)
         path = self.out / MODEL_FILE
         if self.dist.main:
             weights = self.ema.state_dict(self.net) if self.ema is not None else self.net.state_dict()

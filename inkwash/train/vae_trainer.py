@@ -60,6 +60,7 @@ from inkwash.train.trainer import (
     DataOrder,
     TrainingDiverged,
     build_dataset,
+    check_finite_weights,
     generator_for,
     load_batch,
     lr_at,
@@ -386,17 +387,9 @@ class VAETrainer:
             raise self._diverged(f"the latent statistics are degenerate (mean {mean}, std {std})")
         return {"mean": mean, "std": std, "images": n}
 
-    def _check_finite_weights(self) -> None:
-        bad = [n for n, p in self.net.state_dict().items() if p.is_floating_point() and not p.isfinite().all()]
-        if bad:
-            raise TrainingDiverged(
-                f"VAE training diverged at step {self.step}: weights {bad[:3]} are not finite; "
-                f"the last checkpoint in {self.out} is intact (try a lower learning rate)."
-            )
-
     def save(self) -> Path:
         """The model file (with latent statistics measured now) and the state file."""
-        self._check_finite_weights()
+        check_finite_weights(self.net, self.step, self.out, "VAE training")
         self.out.mkdir(parents=True, exist_ok=True)
         vae = VAE(self.model_cfg).to(self.device)
         vae.load_state_dict(self.weights())
