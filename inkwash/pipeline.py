@@ -85,8 +85,9 @@ MICRO_CONDITIONS = ("original height", "original width", "crop top", "crop left"
 
 def micro_conditions(model_cfg, b: int, size: int, original: int, crop: tuple[int, int], device=None) -> torch.Tensor:
     """SDXL's six micro-conditions per image, [b, 6]: (original h, w, crop top, left, target h, w) in pixels."""
-    if model_cfg.micro_conditions != len(MICRO_CONDITIONS):
-        raise UserError(f"this network takes {model_cfg.micro_conditions} micro-conditions; inkwash supplies "
+    n = getattr(model_cfg, "micro_conditions", 0)
+    if n != len(MICRO_CONDITIONS):
+        raise UserError(f"this network takes {n} micro-conditions; inkwash supplies "
                         f"SDXL's {len(MICRO_CONDITIONS)}: {', '.join(MICRO_CONDITIONS)}")  # fmt: skip
     row = [original, original, crop[0], crop[1], size, size]
     return torch.tensor([row] * b, dtype=torch.float32, device=device)
@@ -248,7 +249,7 @@ class Pipeline:
 
     @property
     def size_multiple(self) -> int:
-        return self.latent_factor * 2 ** (len(getattr(self.model_cfg, "channel_mult", (1,))) - 1)
+        return self.latent_factor * self.model_cfg.size_multiple  # every denoiser config says what its side must divide by
 
     def check_size(self, size: int) -> int:
         m = self.size_multiple

@@ -60,6 +60,11 @@ class UNetConfig:
                 raise ValueError(f"{ch} channels not divisible into {self.heads(ch)} heads")
 
     @property
+    def size_multiple(self) -> int:
+        """The input's side must be a multiple of this (one halving per level below the first)."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @property
     def level_channels(self) -> list[int]:
         return [self.model_channels * m for m in self.channel_mult]
 

@@ -492,7 +492,7 @@ class Trainer:
     def _micro(self, k: int, bins: torch.Tensor) -> torch.Tensor:
         """Forward + backward of chunk k; returns the summed (unscaled) loss, adds to the time bins."""
         images, captions = self._chunk(k)
-        micro = self._augment_micro(images, k) if self.model_cfg.micro_conditions else None
+        micro = self._augment_micro(images, k) if getattr(self.model_cfg, "micro_conditions", 0) else None
         if micro is not None:
             images, micro = micro
         if self.vae is not None:
