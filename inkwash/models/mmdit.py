@@ -1,0 +1,334 @@
+"""FLUX.1's multimodal diffusion transformer (Black Forest Labs 2024; Esser et al. 2024, "Scaling Rectified Flow
+Transformers"): double-stream blocks with separate image and text weights over one joint attention, then
+single-stream blocks over the concatenated tokens, all modulated by one conditioning vector.
+
+Owns `MMDiTConfig`, `MMDiT` and its presets (`PRESETS`). Knows nothing of noise: `t` is whatever float the
+diffusion process hands the network; for inkwash's `Flow` process that is t x 1000 (FLUX's own time factor),
+which this network embeds as is. Other projects' key names live in `inkwash.formats.diffusers_flux`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inkwash.errors import UserError
+from inkwash.models.layers import MLPEmbedder, attention, timestep_embedding
+
+
+@dataclass(frozen=True)
+class MMDiTConfig:
+    """Shape of a FLUX-style MMDiT. Latents are packed into patch_size x patch_size patches inside the model."""
+
+    in_channels: int = 16  # latent channels before packing (FLUX: 16, so 64 features per 2x2 token)
+    out_channels: int = 16
+    patch_size: int = 2
+    hidden_size: int = 3072
+    num_heads: int = 24
+    depth: int = 19  # double-stream blocks
+    depth_single: int = 38  # single-stream blocks
+    mlp_ratio: float = 4.0
+    context_dim: int = 4096  # text token width (T5-XXL)
+    y_dim: int = 768  # pooled text vector width (CLIP-L); 0 = none
+    guidance_embed: bool = False  # FLUX dev: the guidance scale is an input (guidance distillation)
+    guidance_factor: float = 1000.0  # the guidance scale is embedded as guidance * this (FLUX's time factor)
+    axes_dim: tuple[int, ...] = (16, 56, 56)  # RoPE width per position axis (t, h, w); sums to the head width
+    theta: float = 10000.0
+    qkv_bias: bool = True
+    time_embed_dim: int = 256  # sinusoidal features of t (and of the guidance scale) before their MLPs
+
+    def __post_init__(self):
+        object.__setattr__(self, "axes_dim", tuple(self.axes_dim))  # JSON gives lists; keep the dataclass hashable
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} not divisible into {self.num_heads} heads")
+        if sum(self.axes_dim) != self.head_dim or any(d % 2 for d in self.axes_dim):
+            raise ValueError(f"axes_dim={self.axes_dim} must be even and sum to the head width {self.head_dim}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def size_multiple(self) -> int:
+        """The input's side must be a multiple of this (one token per patch)."""
+        return self.patch_size
+
+
+# ---------------------------------------------------------------------------- pieces
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim, computed in float32 (as FLUX does), with a learned scale."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def layer_norm(x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm without affine parameters (adaLN supplies scale and shift), eps 1e-6."""
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: x [B, N, C] normalised, then scaled by (1 + scale) and shifted; shift, scale [B, C]."""
+    return layer_norm(x) * (1 + scale[:, None]) + shift[:, None]
+
+
+def rope(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary angles for positions ids [L, n_axes]: axis i gets axes_dim[i] / 2 frequencies theta^(-2j/d_i)
+    (Su et al. 2021) -> cos, sin [L, head_dim / 2] in float32 (angles in float64 where the device has it)."""
+    dtype = torch.float32 if ids.device.type == "mps" else torch.float64
+    angles = []
+    for i, d in enumerate(axes_dim):
+        omega = theta ** (-torch.arange(0, d, 2, dtype=dtype, device=ids.device) / d)  # [d/2]
+        angles.append(ids[:, i].to(dtype)[:, None] * omega[None])  # [L, d/2]
+    a = torch.cat(angles, dim=-1)
+    return a.cos().float(), a.sin().float()
+
+
+def apply_rope(x: torch.Tensor, pe: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate each consecutive pair (x0, x1) of x [B, H, L, D] by its angle; pe = (cos, sin) [L, D/2]."""
+    cos, sin = pe
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # [B, H, L, D/2] each
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)  # [B, H, L, D/2, 2]
+    return out.flatten(-2).to(x.dtype)
+
+
+def split_heads(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, L, 3 * H * D] -> [3, B, H, L, D] (FLUX's "B L (K H D) -> K B H L D")."""
+    B, L, _ = qkv.shape
+    return qkv.view(B, L, 3, heads, -1).permute(2, 0, 3, 1, 4)
+
+
+class StreamAttention(nn.Module):
+    """One stream's share of joint attention: fused QKV, RMSNorm on queries and keys per head, output projection."""
+
+    def __init__(self, dim: int, heads: int, qkv_bias: bool):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.q_norm = RMSNorm(dim // heads)
+        self.k_norm = RMSNorm(dim // heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, L, C] -> q, k, v [B, H, L, D], queries and keys normalised."""
+        q, k, v = split_heads(self.qkv(x), self.heads)
+        return self.q_norm(q), self.k_norm(k), v
+
+
+def mlp(dim: int, hidden: int) -> nn.Sequential:
+    """Linear -> GELU (tanh approximation) -> Linear."""
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+
+
+class DoubleStreamBlock(nn.Module):
+    """Image and text tokens keep their own weights (modulation, QKV, output, MLP) but attend jointly over
+    [txt, img] (SD3's MM-DiT block; FLUX adds RoPE and QK-norm)."""
+
+    def __init__(self, cfg: MMDiTConfig):
+        super().__init__()
+        C = cfg.hidden_size
+        self.img_mod = nn.Linear(C, 6 * C)  # shift, scale, gate for attention, then for the MLP
+        self.img_attn = StreamAttention(C, cfg.num_heads, cfg.qkv_bias)
+        self.img_mlp = mlp(C, cfg.mlp_hidden)
+        self.txt_mod = nn.Linear(C, 6 * C)
+        self.txt_attn = StreamAttention(C, cfg.num_heads, cfg.qkv_bias)
+        self.txt_mlp = mlp(C, cfg.mlp_hidden)
+
+    def forward(self, txt, img, vec, pe, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        # txt [B, L, C], img [B, N, C], vec [B, C] (SiLU applied), mask [B, L + N] bool or None
+        i_mod = self.img_mod(vec).chunk(6, dim=-1)  # 6 x [B, C]
+        t_mod = self.txt_mod(vec).chunk(6, dim=-1)
+        tq, tk, tv = self.txt_attn.qkv_heads(modulate(txt, t_mod[0], t_mod[1]))  # [B, H, L, D] each
+        iq, ik, iv = self.img_attn.qkv_heads(modulate(img, i_mod[0], i_mod[1]))  # [B, H, N, D] each
+        q, k = (apply_rope(torch.cat(pair, dim=2), pe) for pair in ((tq, iq), (tk, ik)))
+        out = attention(q, k, torch.cat((tv, iv), dim=2), mask)  # [B, L + N, C]
+        t_out, i_out = out[:, : txt.shape[1]], out[:, txt.shape[1] :]
+        img = img + i_mod[2][:, None] * self.img_attn.proj(i_out)
+        img = img + i_mod[5][:, None] * self.img_mlp(modulate(img, i_mod[3], i_mod[4]))
+        txt = txt + t_mod[2][:, None] * self.txt_attn.proj(t_out)
+        txt = txt + t_mod[5][:, None] * self.txt_mlp(modulate(txt, t_mod[3], t_mod[4]))
+        return txt, img
+
+
+class SingleStreamBlock(nn.Module):
+    """One set of weights for all tokens; attention and MLP run in parallel from one fused input projection,
+    and one output projection merges them (Dehghani et al. 2023, ViT-22B)."""
+
+    def __init__(self, cfg: MMDiTConfig):
+        super().__init__()
+        C, self.heads, self.mlp_hidden = cfg.hidden_size, cfg.num_heads, cfg.mlp_hidden
+        self.mod = nn.Linear(C, 3 * C)  # shift, scale, gate
+        self.linear1 = nn.Linear(C, 3 * C + cfg.mlp_hidden)  # QKV and the MLP's hidden layer
+        self.linear2 = nn.Linear(C + cfg.mlp_hidden, C)  # attention output and MLP activations -> C
+        self.q_norm = RMSNorm(cfg.head_dim)
+        self.k_norm = RMSNorm(cfg.head_dim)
+
+    def forward(self, x, vec, pe, mask) -> torch.Tensor:
+        # x [B, L + N, C], vec [B, C] (SiLU applied)
+        shift, scale, gate = self.mod(vec).chunk(3, dim=-1)  # [B, C] each
+        qkv, h = self.linear1(modulate(x, shift, scale)).split([3 * x.shape[-1], self.mlp_hidden], dim=-1)
+        q, k, v = split_heads(qkv, self.heads)  # [B, H, L + N, D] each
+        q, k = apply_rope(self.q_norm(q), pe), apply_rope(self.k_norm(k), pe)
+        out = torch.cat((attention(q, k, v, mask), F.gelu(h, approximate="tanh")), dim=-1)
+        return x + gate[:, None] * self.linear2(out)
+
+
+class FinalLayer(nn.Module):
+    """adaLN (continuous, no gate) then a linear map to the packed patch features. Modulation order is FLUX's
+    (shift, scale); diffusers' AdaLayerNormContinuous stores (scale, shift)."""
+
+    def __init__(self, C: int, out: int):
+        super().__init__()
+        self.mod = nn.Linear(C, 2 * C)
+        self.linear = nn.Linear(C, out)
+
+    def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.mod(vec).chunk(2, dim=-1)
+        return self.linear(modulate(x, shift, scale))
+
+
+# ---------------------------------------------------------------------------- the network
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, (H/p)(W/p), C p p]: tokens row-major, features (c, ph, pw) as FLUX packs latents."""
+    B, C, H, W = x.shape
+    x = x.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)  # [B, h, w, C, p, p]
+    return x.reshape(B, (H // p) * (W // p), C * p * p)
+
+
+def unpatchify(x: torch.Tensor, p: int, H: int, W: int) -> torch.Tensor:
+    """Inverse of patchify: [B, (H/p)(W/p), C p p] -> [B, C, H, W]."""
+    B = x.shape[0]
+    x = x.view(B, H // p, W // p, -1, p, p).permute(0, 3, 1, 4, 2, 5)  # [B, C, h, p, w, p]
+    return x.reshape(B, -1, H, W)
+
+
+class MMDiT(nn.Module):
+    """FLUX-style MMDiT: forward(x [B,C,H,W], t [B], context [B,L,D], context_mask [B,L], y [B,y_dim],
+    guidance [B]) -> [B,out,H,W]."""
+
+    def __init__(self, cfg: MMDiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        C, p = cfg.hidden_size, cfg.patch_size
+        self.img_in = nn.Linear(cfg.in_channels * p * p, C)
+        self.txt_in = nn.Linear(cfg.context_dim, C)
+        self.time_in = MLPEmbedder(cfg.time_embed_dim, C)
+        self.vector_in = MLPEmbedder(cfg.y_dim, C) if cfg.y_dim else None
+        self.guidance_in = MLPEmbedder(cfg.time_embed_dim, C) if cfg.guidance_embed else None
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(cfg) for _ in range(cfg.depth))
+        self.single_blocks = nn.ModuleList(SingleStreamBlock(cfg) for _ in range(cfg.depth_single))
+        self.final_layer = FinalLayer(C, cfg.out_channels * p * p)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DiT's recipe: Xavier-uniform linears with zero bias, N(0, 0.02) for the conditioning MLPs, and zero
+        modulations and output layer. Every gate starts at 0, so each block is the identity and the untrained
+        net predicts zero; the gates learn first, which keeps early training stable (Peebles & Xie 2023)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for emb in (self.time_in, self.vector_in, self.guidance_in):
+            if emb is not None:
+                nn.init.normal_(emb.fc1.weight, std=0.02), nn.init.normal_(emb.fc2.weight, std=0.02)
+        zero = [b.img_mod for b in self.double_blocks] + [b.txt_mod for b in self.double_blocks]
+        zero += [b.mod for b in self.single_blocks] + [self.final_layer.mod, self.final_layer.linear]
+        for m in zero:
+            nn.init.zeros_(m.weight), nn.init.zeros_(m.bias)
+
+    def embed(self, t, y, guidance, dtype) -> torch.Tensor:
+        """Conditioning vector: MLP(time) + MLP(guidance * guidance_factor) + MLP(y), SiLU applied once for every
+        modulation: -> [B, C]."""
+        cfg = self.cfg
+        vec = self.time_in(timestep_embedding(t, cfg.time_embed_dim).to(dtype))
+        if self.guidance_in is not None:
+            if guidance is None:
+                raise ValueError("this MMDiT is guidance-distilled: give guidance [B] (the guidance scale)")
+            g = guidance.expand(t.shape[0]) if guidance.dim() == 0 else guidance
+            vec = vec + self.guidance_in(timestep_embedding(g * cfg.guidance_factor, cfg.time_embed_dim).to(dtype))
+        if (y is None) != (self.vector_in is None):
+            raise ValueError(
+                f"this MMDiT needs y [B, {cfg.y_dim}]" if cfg.y_dim else "this MMDiT has y_dim=0 but was given y"
+            )
+        if y is not None:
+            vec = vec + self.vector_in(y.to(dtype))
+        return F.silu(vec)
+
+    def positions(self, L: int, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE angles for L text tokens at (0, 0, 0) followed by the h x w image tokens at (0, row, col)."""
+        rows, cols = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+        img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(h * w, 3)
+        ids = torch.cat([torch.zeros(L, 3, dtype=img_ids.dtype, device=device), img_ids])  # [L + hw, 3]
+        return rope(ids, self.cfg.axes_dim, self.cfg.theta)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+        micro: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """t: the process's network time (flow: t x 1000). context_mask: True for real text tokens; padding is
+        masked as a key everywhere, so it cannot change the image. guidance: the raw guidance scale (e.g. 3.5)."""
+        cfg, (B, _, H, W) = self.cfg, x.shape
+        p = cfg.patch_size
+        if H % p or W % p:
+            raise UserError(f"latent size {H}x{W} is not a multiple of the MMDiT patch size {p}")
+        if context is None:
+            raise ValueError(f"this MMDiT needs context [B, L, {cfg.context_dim}]")
+        if micro is not None:
+            raise ValueError("this MMDiT takes no micro-conditions")
+        t = t.expand(B) if t.dim() == 0 else t  # [B]
+        vec = self.embed(t, y, guidance, x.dtype)  # [B, C]
+        img = self.img_in(patchify(x, p))  # [B, N, C]
+        txt = self.txt_in(context.to(x.dtype))  # [B, L, C]
+        L, N = txt.shape[1], img.shape[1]
+        pe = self.positions(L, H // p, W // p, x.device)  # cos, sin [L + N, D/2]
+        mask = None
+        if context_mask is not None:  # keys: text as given, every image token real
+            mask = torch.cat([context_mask.bool(), context_mask.new_ones(B, N, dtype=torch.bool)], dim=1)
+        for block in self.double_blocks:
+            txt, img = block(txt, img, vec, pe, mask)
+        h = torch.cat((txt, img), dim=1)  # [B, L + N, C]
+        for block in self.single_blocks:
+            h = block(h, vec, pe, mask)
+        return unpatchify(self.final_layer(h[:, L:], vec), p, H, W)  # [B, out_channels, H, W]
+
+
+# ---------------------------------------------------------------------------- presets
+
+_FLUX = MMDiTConfig()  # FLUX.1 exactly: 16 latent channels, 2x2 packing, T5-XXL context, CLIP-L pooled vector
+PRESETS: dict[str, MMDiTConfig] = {
+    "flux-dev": MMDiTConfig(guidance_embed=True),  # 11,901,408,320 parameters
+    "flux-schnell": _FLUX,  # timestep-distilled: no guidance input
+    # Shapes-scale latent model (f = 4, 4 channels); 384 = the default MiniLM text encoder's width.
+    "mmdit-shapes": MMDiTConfig(
+        in_channels=4, out_channels=4, hidden_size=256, num_heads=4, depth=3, depth_single=6,
+        context_dim=384, y_dim=384, axes_dim=(8, 28, 28),
+    ),
+    "mmdit-tiny": MMDiTConfig(  # tests
+        in_channels=4, out_channels=4, hidden_size=32, num_heads=2, depth=1, depth_single=1,
+        context_dim=24, y_dim=12, axes_dim=(4, 6, 6),
+    ),
+}  # fmt: skip
