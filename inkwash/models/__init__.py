@@ -1,6 +1,8 @@
-"""inkwash.models: networks (U-Net, ...), shared layers, presets and FLOP counting. Knows nothing of noise."""
+"""inkwash.models: networks (U-Net, DiT, PixArt-α, ...), shared layers, presets, FLOP counts. Knows nothing of noise."""
 
+from inkwash.models.dit import DiT, DiTConfig
 from inkwash.models.flops import count_flops
+from inkwash.models.pixart import PixArt, PixArtConfig
 from inkwash.models.registry import (
     PRESETS,
     build_model,
@@ -14,6 +16,10 @@ from inkwash.models.unet import UNet, UNetConfig
 
 __all__ = [
     "PRESETS",
+    "DiT",
+    "DiTConfig",
+    "PixArt",
+    "PixArtConfig",
     "UNet",
     "UNetConfig",
     "build_model",

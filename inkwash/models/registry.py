@@ -14,6 +14,8 @@ from torch import nn
 
 from inkwash.config import dataclass_from_dict
 from inkwash.errors import UserError
+from inkwash.models.dit import DiT, DiTConfig
+from inkwash.models.pixart import PixArt, PixArtConfig
 from inkwash.models.unet import UNet, UNetConfig
 from inkwash.models.vae import VAE, VAEConfig
 
@@ -110,4 +112,32 @@ register("vae-flux", VAEConfig(latent_channels=16, use_quant_conv=False, scaling
 register(  # Shapes at 64 px: f = 4, 4 channels; its scale and shift are computed from data when trained
     "vae-shapes-f4",
     VAEConfig(channels=(32, 64, 128), layers_per_block=1, latent_channels=4, norm_groups=8),
+)
+
+# Transformers. The paper presets are DiT's ImageNet 256 models (latent 32x32x4, 1000 classes, learned sigma);
+# DiT-XL/2: 674,834,720 parameters (the paper's 675M also counts the fixed 256 x 1152 position table the original
+# stores as a parameter) and 118,621,421,568 multiply-adds per 256 px forward pass (the paper: 118.6 Gflops).
+register_arch("dit", DiTConfig, DiT)
+register_arch("pixart", PixArtConfig, PixArt)
+for _name, (_hidden, _depth, _heads) in {
+    "dit-s2": (384, 12, 6), "dit-b2": (768, 12, 12), "dit-l2": (1024, 24, 16), "dit-xl2": (1152, 28, 16)
+}.items():  # fmt: skip
+    register(_name, DiTConfig(hidden_size=_hidden, depth=_depth, num_heads=_heads, num_classes=1000, learn_sigma=True))
+register(
+    "dit-tiny", DiTConfig(in_channels=3, out_channels=3, hidden_size=32, depth=2, num_heads=2, y_dim=32, sample_size=16)
+)
+register(  # Shapes latents (vae-shapes-f4 at 64 px: 16x16x4), pooled MiniLM text: 9.9M parameters
+    "dit-shapes", DiTConfig(hidden_size=256, depth=8, num_heads=4, y_dim=384, sample_size=16)
+)
+# PixArt-α 1024 px (PixArt-XL-2-1024-MS): T5-XXL tokens, learned sigma, resolution and aspect-ratio conditions.
+register(
+    "pixart-alpha-xl2",
+    PixArtConfig(learn_sigma=True, sample_size=128, interpolation_scale=2.0, size_conditioning=True),
+)
+register(
+    "pixart-tiny",
+    PixArtConfig(in_channels=3, out_channels=3, hidden_size=32, depth=2, num_heads=2, context_dim=32, sample_size=16),
+)
+register(  # Shapes latents with MiniLM tokens: 9.1M parameters
+    "pixart-shapes", PixArtConfig(hidden_size=256, depth=8, num_heads=4, context_dim=384, sample_size=16)
 )
