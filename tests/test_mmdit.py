@@ -1,5 +1,5 @@
-"""MMDiT (FLUX): parity with diffusers' FluxTransformer2DModel (fp32, 1e-5), conversion both ways, presets' sizes,
-packing, masks and init."""
+"""MMDiT (FLUX, SD3): parity with diffusers' FluxTransformer2DModel and SD3Transformer2DModel (fp32, 1e-5),
+conversion both ways, presets' sizes, packing, masks and init."""
 
 from __future__ import annotations
 
@@ -15,11 +15,18 @@ from inkwash.formats.diffusers_flux import (
     flux_from_diffusers,
     flux_state_dict_from_diffusers,
     flux_state_dict_to_diffusers,
+    sd3_config_from_diffusers,
+    sd3_config_to_diffusers,
+    sd3_from_diffusers,
+    sd3_state_dict_to_diffusers,
 )
 from inkwash.models.mmdit import PRESETS, MMDiT
 
 TINY = PRESETS["mmdit-tiny"]  # 4 latent channels (16 packed), 2 heads of 16, context 24, pooled 12, axes (4, 6, 6)
-LAYOUT = dict(num_layers=2, num_single_layers=2)
+
+
+def _is_qk_norm(name: str) -> bool:  # RMSNorm scales: perturbed around 1
+    return name.endswith(("norm_q.weight", "norm_k.weight", "norm_added_q.weight", "norm_added_k.weight"))
 
 
 def _diffusers_pair(guidance: bool):
@@ -27,8 +34,8 @@ def _diffusers_pair(guidance: bool):
     cfg = dataclasses.replace(TINY, depth=2, depth_single=2, guidance_embed=guidance)
     torch.manual_seed(0)
     theirs = diffusers.FluxTransformer2DModel(**flux_config_to_diffusers(cfg)).eval()
-    for p in theirs.parameters():  # perturb everything, zero-initialised or not, so every weight matters
-        torch.nn.init.normal_(p, mean=1.0 if p.dim() == 1 and p.shape[0] == cfg.head_dim else 0.0, std=0.1)
+    for name, p in theirs.named_parameters():  # perturb everything, zero-initialised or not, so every weight matters
+        torch.nn.init.normal_(p, mean=1.0 if _is_qk_norm(name) else 0.0, std=0.1)
     ours = flux_from_diffusers(dict(theirs.config), theirs.state_dict()).eval()
     assert ours.cfg == cfg
     return ours, theirs
@@ -147,3 +154,58 @@ def test_guidance_distilled_model_needs_guidance():
     x, ctx, y = _inputs(TINY)
     with pytest.raises(ValueError, match="guidance"):
         MMDiT(dataclasses.replace(TINY, guidance_embed=True))(x, torch.tensor(1.0), context=ctx, y=y)
+
+
+# ---------------------------------------------------------------------------- SD3 (no single blocks, fixed table)
+
+SD3_TINY = dataclasses.replace(TINY, depth=3, depth_single=0, axes_dim=(), pos_embed_max_size=8, qk_norm=False)
+
+
+def _sd3_pair(qk_norm: bool):
+    diffusers = pytest.importorskip("diffusers")
+    cfg = dataclasses.replace(SD3_TINY, qk_norm=qk_norm)
+    torch.manual_seed(0)
+    theirs = diffusers.SD3Transformer2DModel(**sd3_config_to_diffusers(cfg, sample_size=8)).eval()
+    for name, p in [*theirs.named_parameters(), *theirs.named_buffers()]:  # the position table too
+        torch.nn.init.normal_(p, mean=1.0 if _is_qk_norm(name) else 0.0, std=0.1)
+    ours = sd3_from_diffusers(dict(theirs.config), theirs.state_dict()).eval()
+    assert ours.cfg == cfg
+    return ours, theirs
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_sd3_outputs_match_diffusers(qk_norm):
+    ours, theirs = _sd3_pair(qk_norm)
+    x, ctx, y = _inputs(ours.cfg, H=8, W=12)  # tokens 4 x 6: rows 2-5, columns 1-6 of the 8 x 8 table
+    t = torch.tensor([3.5, 871.0])  # SD3 embeds the timestep as given, like inkwash
+    with torch.no_grad():
+        ref = theirs(x, ctx, y, t).sample
+        out = ours(x, t, context=ctx, y=y)
+    assert ref.abs().max() > 1e-2
+    diff = (out - ref).abs().max().item()
+    print(f"SD3 qk_norm={qk_norm}: max abs diff {diff:.3g}")
+    assert diff < 1e-5
+    back = sd3_state_dict_to_diffusers(ours.state_dict(), ours.cfg)
+    assert back.keys() == theirs.state_dict().keys()
+    assert all(torch.equal(back[k], v) for k, v in theirs.state_dict().items())
+    assert sd3_config_from_diffusers(sd3_config_to_diffusers(ours.cfg)) == ours.cfg
+
+
+def test_sd3_position_table_matches_diffusers_init_and_refuses_large_inputs():
+    embeddings = pytest.importorskip("diffusers.models.embeddings")
+    model = MMDiT(SD3_TINY)
+    ref = embeddings.get_2d_sincos_pos_embed(32, 8, base_size=8, output_type="pt")
+    torch.testing.assert_close(model.pos_embed, ref.float(), atol=1e-6, rtol=0)
+    x, ctx, y = _inputs(SD3_TINY, H=18, W=8)
+    with pytest.raises(UserError, match="9x4 tokens exceed"):
+        model(x, torch.tensor(1.0), context=ctx, y=y)
+
+
+@pytest.mark.parametrize("name", ["sd3-medium", "sd3.5-large"])
+def test_sd3_parameter_count_matches_diffusers(name):
+    diffusers = pytest.importorskip("diffusers")
+    with torch.device("meta"):
+        ours = MMDiT(PRESETS[name])
+        theirs = diffusers.SD3Transformer2DModel(**sd3_config_to_diffusers(PRESETS[name]))
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+    assert ours.pos_embed.shape == theirs.pos_embed.pos_embed.shape[1:]

@@ -1,6 +1,8 @@
-"""FLUX.1's multimodal diffusion transformer (Black Forest Labs 2024; Esser et al. 2024, "Scaling Rectified Flow
-Transformers"): double-stream blocks with separate image and text weights over one joint attention, then
-single-stream blocks over the concatenated tokens, all modulated by one conditioning vector.
+"""The multimodal diffusion transformer of SD3 (Esser et al. 2024, "Scaling Rectified Flow Transformers") and
+FLUX.1 (Black Forest Labs 2024): double-stream blocks with separate image and text weights over one joint
+attention, then (FLUX) single-stream blocks over the concatenated tokens, all modulated by one conditioning vector.
+FLUX places tokens with RoPE and normalises queries and keys; SD3 adds a fixed 2D sine-cosine table to the image
+tokens and has no single-stream blocks.
 
 Owns `MMDiTConfig`, `MMDiT` and its presets (`PRESETS`). Knows nothing of noise: `t` is whatever float the
 diffusion process hands the network; for inkwash's `Flow` process that is t x 1000 (FLUX's own time factor),
@@ -21,7 +23,9 @@ from inkwash.models.layers import MLPEmbedder, attention, timestep_embedding
 
 @dataclass(frozen=True)
 class MMDiTConfig:
-    """Shape of a FLUX-style MMDiT. Latents are packed into patch_size x patch_size patches inside the model."""
+    """Shape of an MMDiT (defaults: FLUX.1). Latents are packed into patch_size x patch_size patches inside the
+    model. With depth_single=0 (SD3) the last double block updates only the image tokens, since nothing reads
+    the text tokens after it."""
 
     in_channels: int = 16  # latent channels before packing (FLUX: 16, so 64 features per 2x2 token)
     out_channels: int = 16
@@ -35,8 +39,10 @@ class MMDiTConfig:
     y_dim: int = 768  # pooled text vector width (CLIP-L); 0 = none
     guidance_embed: bool = False  # FLUX dev: the guidance scale is an input (guidance distillation)
     guidance_factor: float = 1000.0  # the guidance scale is embedded as guidance * this (FLUX's time factor)
-    axes_dim: tuple[int, ...] = (16, 56, 56)  # RoPE width per position axis (t, h, w); sums to the head width
-    theta: float = 10000.0
+    axes_dim: tuple[int, ...] = (16, 56, 56)  # RoPE width per position axis (t, h, w), summing to the head width;
+    theta: float = 10000.0  # () = no RoPE
+    pos_embed_max_size: int = 0  # > 0: a fixed sine-cosine table for this many tokens a side, center-cropped (SD3)
+    qk_norm: bool = True  # RMSNorm on queries and keys per head (FLUX, SD3.5; not SD3)
     qkv_bias: bool = True
     time_embed_dim: int = 256  # sinusoidal features of t (and of the guidance scale) before their MLPs
 
@@ -44,8 +50,12 @@ class MMDiTConfig:
         object.__setattr__(self, "axes_dim", tuple(self.axes_dim))  # JSON gives lists; keep the dataclass hashable
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} not divisible into {self.num_heads} heads")
-        if sum(self.axes_dim) != self.head_dim or any(d % 2 for d in self.axes_dim):
+        if self.axes_dim and (sum(self.axes_dim) != self.head_dim or any(d % 2 for d in self.axes_dim)):
             raise ValueError(f"axes_dim={self.axes_dim} must be even and sum to the head width {self.head_dim}")
+        if not self.axes_dim and not self.pos_embed_max_size:
+            raise ValueError("an MMDiT needs positions: RoPE axes_dim, or a pos_embed_max_size table")
+        if self.pos_embed_max_size and self.hidden_size % 4:
+            raise ValueError(f"a 2D sine-cosine table needs hidden_size divisible by 4, not {self.hidden_size}")
 
     @property
     def head_dim(self) -> int:
@@ -107,6 +117,16 @@ def apply_rope(x: torch.Tensor, pe: tuple[torch.Tensor, torch.Tensor]) -> torch.
     return out.flatten(-2).to(x.dtype)
 
 
+def sincos_2d(dim: int, side: int) -> torch.Tensor:
+    """Fixed 2D sine-cosine positions of a side x side grid, row-major -> [side^2, dim]: the first half encodes the
+    column, the second the row, each as [sin, cos] at frequencies 10000^(-j / (dim/4)) (MAE, DiT, SD3)."""
+    omega = 10000.0 ** -(torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # [dim/4]
+    pos = torch.arange(side, dtype=torch.float64)[:, None] * omega[None]  # [side, dim/4]
+    axis = torch.cat([pos.sin(), pos.cos()], dim=-1)  # [side, dim/2]
+    col, row = axis[None, :, :].expand(side, -1, -1), axis[:, None, :].expand(-1, side, -1)
+    return torch.cat([col, row], dim=-1).reshape(side * side, dim).float()
+
+
 def split_heads(qkv: torch.Tensor, heads: int) -> torch.Tensor:
     """[B, L, 3 * H * D] -> [3, B, H, L, D] (FLUX's "B L (K H D) -> K B H L D")."""
     B, L, _ = qkv.shape
@@ -114,20 +134,28 @@ def split_heads(qkv: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 class StreamAttention(nn.Module):
-    """One stream's share of joint attention: fused QKV, RMSNorm on queries and keys per head, output projection."""
+    """One stream's share of joint attention: fused QKV, optional RMSNorm on queries and keys per head, output
+    projection (none for a stream whose output nobody reads)."""
 
-    def __init__(self, dim: int, heads: int, qkv_bias: bool):
+    def __init__(self, dim: int, heads: int, qkv_bias: bool, qk_norm: bool, out: bool = True):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.q_norm = RMSNorm(dim // heads)
-        self.k_norm = RMSNorm(dim // heads)
-        self.proj = nn.Linear(dim, dim)
+        self.q_norm, self.k_norm = qk_norms(dim // heads, qk_norm)
+        self.proj = nn.Linear(dim, dim) if out else None
 
     def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, L, C] -> q, k, v [B, H, L, D], queries and keys normalised."""
         q, k, v = split_heads(self.qkv(x), self.heads)
         return self.q_norm(q), self.k_norm(k), v
+
+
+def qk_norms(head_dim: int, on: bool) -> tuple[nn.Module, nn.Module]:
+    return (RMSNorm(head_dim), RMSNorm(head_dim)) if on else (nn.Identity(), nn.Identity())
+
+
+def with_rope(q: torch.Tensor, k: torch.Tensor, pe) -> tuple[torch.Tensor, torch.Tensor]:
+    return (q, k) if pe is None else (apply_rope(q, pe), apply_rope(k, pe))
 
 
 def mlp(dim: int, hidden: int) -> nn.Sequential:
@@ -137,29 +165,32 @@ def mlp(dim: int, hidden: int) -> nn.Sequential:
 
 class DoubleStreamBlock(nn.Module):
     """Image and text tokens keep their own weights (modulation, QKV, output, MLP) but attend jointly over
-    [txt, img] (SD3's MM-DiT block; FLUX adds RoPE and QK-norm)."""
+    [txt, img] (SD3's MM-DiT block; FLUX adds RoPE and QK-norm). `text_out=False`: the text tokens only feed
+    this block's attention (SD3's last block, "context_pre_only"); they get shift and scale, and come back as is."""
 
-    def __init__(self, cfg: MMDiTConfig):
+    def __init__(self, cfg: MMDiTConfig, text_out: bool = True):
         super().__init__()
-        C = cfg.hidden_size
+        C, H, norm = cfg.hidden_size, cfg.num_heads, cfg.qk_norm
         self.img_mod = nn.Linear(C, 6 * C)  # shift, scale, gate for attention, then for the MLP
-        self.img_attn = StreamAttention(C, cfg.num_heads, cfg.qkv_bias)
+        self.img_attn = StreamAttention(C, H, cfg.qkv_bias, norm)
         self.img_mlp = mlp(C, cfg.mlp_hidden)
-        self.txt_mod = nn.Linear(C, 6 * C)
-        self.txt_attn = StreamAttention(C, cfg.num_heads, cfg.qkv_bias)
-        self.txt_mlp = mlp(C, cfg.mlp_hidden)
+        self.txt_mod = nn.Linear(C, (6 if text_out else 2) * C)
+        self.txt_attn = StreamAttention(C, H, cfg.qkv_bias, norm, out=text_out)
+        self.txt_mlp = mlp(C, cfg.mlp_hidden) if text_out else None
 
     def forward(self, txt, img, vec, pe, mask) -> tuple[torch.Tensor, torch.Tensor]:
         # txt [B, L, C], img [B, N, C], vec [B, C] (SiLU applied), mask [B, L + N] bool or None
         i_mod = self.img_mod(vec).chunk(6, dim=-1)  # 6 x [B, C]
-        t_mod = self.txt_mod(vec).chunk(6, dim=-1)
+        t_mod = self.txt_mod(vec).chunk(6 if self.txt_mlp is not None else 2, dim=-1)
         tq, tk, tv = self.txt_attn.qkv_heads(modulate(txt, t_mod[0], t_mod[1]))  # [B, H, L, D] each
         iq, ik, iv = self.img_attn.qkv_heads(modulate(img, i_mod[0], i_mod[1]))  # [B, H, N, D] each
-        q, k = (apply_rope(torch.cat(pair, dim=2), pe) for pair in ((tq, iq), (tk, ik)))
+        q, k = with_rope(torch.cat((tq, iq), dim=2), torch.cat((tk, ik), dim=2), pe)
         out = attention(q, k, torch.cat((tv, iv), dim=2), mask)  # [B, L + N, C]
         t_out, i_out = out[:, : txt.shape[1]], out[:, txt.shape[1] :]
         img = img + i_mod[2][:, None] * self.img_attn.proj(i_out)
         img = img + i_mod[5][:, None] * self.img_mlp(modulate(img, i_mod[3], i_mod[4]))
+        if self.txt_mlp is None:
+            return txt, img
         txt = txt + t_mod[2][:, None] * self.txt_attn.proj(t_out)
         txt = txt + t_mod[5][:, None] * self.txt_mlp(modulate(txt, t_mod[3], t_mod[4]))
         return txt, img
@@ -175,15 +206,14 @@ class SingleStreamBlock(nn.Module):
         self.mod = nn.Linear(C, 3 * C)  # shift, scale, gate
         self.linear1 = nn.Linear(C, 3 * C + cfg.mlp_hidden)  # QKV and the MLP's hidden layer
         self.linear2 = nn.Linear(C + cfg.mlp_hidden, C)  # attention output and MLP activations -> C
-        self.q_norm = RMSNorm(cfg.head_dim)
-        self.k_norm = RMSNorm(cfg.head_dim)
+        self.q_norm, self.k_norm = qk_norms(cfg.head_dim, cfg.qk_norm)
 
     def forward(self, x, vec, pe, mask) -> torch.Tensor:
         # x [B, L + N, C], vec [B, C] (SiLU applied)
         shift, scale, gate = self.mod(vec).chunk(3, dim=-1)  # [B, C] each
         qkv, h = self.linear1(modulate(x, shift, scale)).split([3 * x.shape[-1], self.mlp_hidden], dim=-1)
         q, k, v = split_heads(qkv, self.heads)  # [B, H, L + N, D] each
-        q, k = apply_rope(self.q_norm(q), pe), apply_rope(self.k_norm(k), pe)
+        q, k = with_rope(self.q_norm(q), self.k_norm(k), pe)
         out = torch.cat((attention(q, k, v, mask), F.gelu(h, approximate="tanh")), dim=-1)
         return x + gate[:, None] * self.linear2(out)
 
@@ -232,7 +262,11 @@ class MMDiT(nn.Module):
         self.time_in = MLPEmbedder(cfg.time_embed_dim, C)
         self.vector_in = MLPEmbedder(cfg.y_dim, C) if cfg.y_dim else None
         self.guidance_in = MLPEmbedder(cfg.time_embed_dim, C) if cfg.guidance_embed else None
-        self.double_blocks = nn.ModuleList(DoubleStreamBlock(cfg) for _ in range(cfg.depth))
+        if cfg.pos_embed_max_size:  # fixed, but saved: SD3 checkpoints carry their own table
+            self.register_buffer("pos_embed", sincos_2d(C, cfg.pos_embed_max_size))  # [side^2, C]
+        self.double_blocks = nn.ModuleList(
+            DoubleStreamBlock(cfg, text_out=cfg.depth_single > 0 or i < cfg.depth - 1) for i in range(cfg.depth)
+        )
         self.single_blocks = nn.ModuleList(SingleStreamBlock(cfg) for _ in range(cfg.depth_single))
         self.final_layer = FinalLayer(C, cfg.out_channels * p * p)
         self.initialize_weights()
@@ -272,12 +306,22 @@ class MMDiT(nn.Module):
             vec = vec + self.vector_in(y.to(dtype))
         return F.silu(vec)
 
-    def positions(self, L: int, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def positions(self, L: int, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
         """RoPE angles for L text tokens at (0, 0, 0) followed by the h x w image tokens at (0, row, col)."""
+        if not self.cfg.axes_dim:
+            return None
         rows, cols = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
         img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(h * w, 3)
         ids = torch.cat([torch.zeros(L, 3, dtype=img_ids.dtype, device=device), img_ids])  # [L + hw, 3]
         return rope(ids, self.cfg.axes_dim, self.cfg.theta)
+
+    def table_positions(self, h: int, w: int) -> torch.Tensor:
+        """The center h x w crop of the fixed position table -> [h * w, C] (SD3's `cropped_pos_embed`)."""
+        side = self.cfg.pos_embed_max_size
+        if h > side or w > side:
+            raise UserError(f"{h}x{w} tokens exceed this MMDiT's {side}x{side} position table")
+        top, left = (side - h) // 2, (side - w) // 2
+        return self.pos_embed.view(side, side, -1)[top : top + h, left : left + w].reshape(h * w, -1)
 
     def forward(
         self,
@@ -302,6 +346,8 @@ class MMDiT(nn.Module):
         t = t.expand(B) if t.dim() == 0 else t  # [B]
         vec = self.embed(t, y, guidance, x.dtype)  # [B, C]
         img = self.img_in(patchify(x, p))  # [B, N, C]
+        if self.cfg.pos_embed_max_size:
+            img = img + self.table_positions(H // p, W // p).to(img.dtype)
         txt = self.txt_in(context.to(x.dtype))  # [B, L, C]
         L, N = txt.shape[1], img.shape[1]
         pe = self.positions(L, H // p, W // p, x.device)  # cos, sin [L + N, D/2]
@@ -326,6 +372,14 @@ PRESETS: dict[str, MMDiTConfig] = {
     "mmdit-shapes": MMDiTConfig(
         in_channels=4, out_channels=4, hidden_size=256, num_heads=4, depth=3, depth_single=6,
         context_dim=384, y_dim=384, axes_dim=(8, 28, 28),
+    ),
+    # Stable Diffusion 3 Medium (2,028,328,000 parameters) and 3.5 Large (8,056,627,520): CLIP-L + G pooled (2048).
+    "sd3-medium": MMDiTConfig(
+        hidden_size=1536, num_heads=24, depth=24, depth_single=0, y_dim=2048, axes_dim=(), pos_embed_max_size=192,
+        qk_norm=False,
+    ),
+    "sd3.5-large": MMDiTConfig(
+        hidden_size=2432, num_heads=38, depth=38, depth_single=0, y_dim=2048, axes_dim=(), pos_embed_max_size=192,
     ),
     "mmdit-tiny": MMDiTConfig(  # tests
         in_channels=4, out_channels=4, hidden_size=32, num_heads=2, depth=1, depth_single=1,
