@@ -209,3 +209,12 @@ def test_sd3_parameter_count_matches_diffusers(name):
         theirs = diffusers.SD3Transformer2DModel(**sd3_config_to_diffusers(PRESETS[name]))
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
     assert ours.pos_embed.shape == theirs.pos_embed.pos_embed.shape[1:]
+
+
+def test_unsupported_settings_are_refused():
+    with pytest.raises(UserError, match="dual_attention_layers"):
+        sd3_config_from_diffusers(dict(sd3_config_to_diffusers(SD3_TINY), dual_attention_layers=(0,)))
+    with pytest.raises(UserError, match="patch_size=2"):
+        flux_config_from_diffusers(dict(flux_config_to_diffusers(TINY), patch_size=2))
+    with pytest.raises(UserError, match="pos_embed_max_size=8.*axes_dim"):
+        flux_config_to_diffusers(SD3_TINY)  # an SD3-style config has no FLUX layout

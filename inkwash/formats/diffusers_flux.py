@@ -52,9 +52,10 @@ def flux_config_from_diffusers(config: Mapping) -> MMDiTConfig:
 def flux_config_to_diffusers(cfg: MMDiTConfig) -> dict:
     """MMDiTConfig -> the FluxTransformer2DModel keyword arguments that build the same network."""
     fixed = MMDiTConfig()
-    bad = [f"{k}={getattr(cfg, k)!r}" for k in ("patch_size", "mlp_ratio", "guidance_factor", "theta", "qkv_bias",
-                                                "time_embed_dim") if getattr(cfg, k) != getattr(fixed, k)]  # fmt: skip
+    fixed_keys = ("patch_size", "mlp_ratio", "guidance_factor", "theta", "qkv_bias", "qk_norm", "pos_embed_max_size")
+    bad = [f"{k}={getattr(cfg, k)!r}" for k in fixed_keys if getattr(cfg, k) != getattr(fixed, k)]
     bad += [] if cfg.y_dim else ["y_dim=0"]
+    bad += [] if cfg.axes_dim else ["axes_dim=() (no RoPE)"]
     if bad:
         raise UserError("MMDiT settings diffusers' FLUX transformer cannot express: " + ", ".join(bad))
     return dict(
@@ -110,7 +111,7 @@ def sd3_config_to_diffusers(cfg: MMDiTConfig, sample_size: int = 128) -> dict:
     """MMDiTConfig -> the SD3Transformer2DModel keyword arguments that build the same network. `sample_size` (the
     latent side diffusers' pipeline defaults to) does not change the weights."""
     fixed = MMDiTConfig()
-    bad = [f"{k}={getattr(cfg, k)!r}" for k in ("mlp_ratio", "qkv_bias", "time_embed_dim")
+    bad = [f"{k}={getattr(cfg, k)!r}" for k in ("mlp_ratio", "qkv_bias")
            if getattr(cfg, k) != getattr(fixed, k)]  # fmt: skip
     bad += [f"{k}={getattr(cfg, k)!r}" for k in ("depth_single", "guidance_embed", "axes_dim") if getattr(cfg, k)]
     bad += [] if cfg.y_dim else ["y_dim=0"]
@@ -167,8 +168,8 @@ def _table(cfg: MMDiTConfig, sd3: bool) -> Table:
             if s == "img" or text_out:
                 linears += [
                     (f"{ours}.{s}_attn.proj", [(f"{theirs}.attn.{out}", C)]),
-                    (f"{ours}.{s}_mlp.0", [(f"{theirs}.{ff}.net.0.proj", M)]),
-                    (f"{ours}.{s}_mlp.2", [(f"{theirs}.{ff}.net.2", C)]),
+                    (f"{ours}.{s}_mlp.fc1", [(f"{theirs}.{ff}.net.0.proj", M)]),
+                    (f"{ours}.{s}_mlp.fc2", [(f"{theirs}.{ff}.net.2", C)]),
                 ]
             if cfg.qk_norm:
                 norms += [

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from inkwash.errors import UserError
-from inkwash.models.layers import MLPEmbedder, attention, timestep_embedding
+from inkwash.models.layers import MLPEmbedder, attention
+from inkwash.models.transformer import MLP, TimestepEmbedder, modulate, pos_embed_2d, xavier_init
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,11 @@ class MMDiTConfig:
     y_dim: int = 768  # pooled text vector width (CLIP-L); 0 = none
     guidance_embed: bool = False  # FLUX dev: the guidance scale is an input (guidance distillation)
     guidance_factor: float = 1000.0  # the guidance scale is embedded as guidance * this (FLUX's time factor)
-    axes_dim: tuple[int, ...] = (16, 56, 56)  # RoPE width per position axis (t, h, w), summing to the head width;
-    theta: float = 10000.0  # () = no RoPE
+    axes_dim: tuple[int, ...] = (16, 56, 56)  # RoPE width per position axis (t, h, w); () = no RoPE
+    theta: float = 10000.0
     pos_embed_max_size: int = 0  # > 0: a fixed sine-cosine table for this many tokens a side, center-cropped (SD3)
     qk_norm: bool = True  # RMSNorm on queries and keys per head (FLUX, SD3.5; not SD3)
     qkv_bias: bool = True
-    time_embed_dim: int = 256  # sinusoidal features of t (and of the guidance scale) before their MLPs
 
     def __post_init__(self):
         object.__setattr__(self, "axes_dim", tuple(self.axes_dim))  # JSON gives lists; keep the dataclass hashable
@@ -87,14 +87,9 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
-def layer_norm(x: torch.Tensor) -> torch.Tensor:
-    """LayerNorm without affine parameters (adaLN supplies scale and shift), eps 1e-6."""
-    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: x [B, N, C] normalised, then scaled by (1 + scale) and shifted; shift, scale [B, C]."""
-    return layer_norm(x) * (1 + scale[:, None]) + shift[:, None]
+def ada_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: x [B, N, C] layer-normalised without affine (eps 1e-6), then scaled by (1 + scale) and shifted."""
+    return modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift, scale)
 
 
 def rope(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,16 +110,6 @@ def apply_rope(x: torch.Tensor, pe: tuple[torch.Tensor, torch.Tensor]) -> torch.
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # [B, H, L, D/2] each
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)  # [B, H, L, D/2, 2]
     return out.flatten(-2).to(x.dtype)
-
-
-def sincos_2d(dim: int, side: int) -> torch.Tensor:
-    """Fixed 2D sine-cosine positions of a side x side grid, row-major -> [side^2, dim]: the first half encodes the
-    column, the second the row, each as [sin, cos] at frequencies 10000^(-j / (dim/4)) (MAE, DiT, SD3)."""
-    omega = 10000.0 ** -(torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # [dim/4]
-    pos = torch.arange(side, dtype=torch.float64)[:, None] * omega[None]  # [side, dim/4]
-    axis = torch.cat([pos.sin(), pos.cos()], dim=-1)  # [side, dim/2]
-    col, row = axis[None, :, :].expand(side, -1, -1), axis[:, None, :].expand(-1, side, -1)
-    return torch.cat([col, row], dim=-1).reshape(side * side, dim).float()
 
 
 def split_heads(qkv: torch.Tensor, heads: int) -> torch.Tensor:
@@ -158,11 +143,6 @@ def with_rope(q: torch.Tensor, k: torch.Tensor, pe) -> tuple[torch.Tensor, torch
     return (q, k) if pe is None else (apply_rope(q, pe), apply_rope(k, pe))
 
 
-def mlp(dim: int, hidden: int) -> nn.Sequential:
-    """Linear -> GELU (tanh approximation) -> Linear."""
-    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
-
-
 class DoubleStreamBlock(nn.Module):
     """Image and text tokens keep their own weights (modulation, QKV, output, MLP) but attend jointly over
     [txt, img] (SD3's MM-DiT block; FLUX adds RoPE and QK-norm). `text_out=False`: the text tokens only feed
@@ -173,26 +153,26 @@ class DoubleStreamBlock(nn.Module):
         C, H, norm = cfg.hidden_size, cfg.num_heads, cfg.qk_norm
         self.img_mod = nn.Linear(C, 6 * C)  # shift, scale, gate for attention, then for the MLP
         self.img_attn = StreamAttention(C, H, cfg.qkv_bias, norm)
-        self.img_mlp = mlp(C, cfg.mlp_hidden)
+        self.img_mlp = MLP(C, cfg.mlp_hidden)
         self.txt_mod = nn.Linear(C, (6 if text_out else 2) * C)
         self.txt_attn = StreamAttention(C, H, cfg.qkv_bias, norm, out=text_out)
-        self.txt_mlp = mlp(C, cfg.mlp_hidden) if text_out else None
+        self.txt_mlp = MLP(C, cfg.mlp_hidden) if text_out else None
 
     def forward(self, txt, img, vec, pe, mask) -> tuple[torch.Tensor, torch.Tensor]:
         # txt [B, L, C], img [B, N, C], vec [B, C] (SiLU applied), mask [B, L + N] bool or None
         i_mod = self.img_mod(vec).chunk(6, dim=-1)  # 6 x [B, C]
         t_mod = self.txt_mod(vec).chunk(6 if self.txt_mlp is not None else 2, dim=-1)
-        tq, tk, tv = self.txt_attn.qkv_heads(modulate(txt, t_mod[0], t_mod[1]))  # [B, H, L, D] each
-        iq, ik, iv = self.img_attn.qkv_heads(modulate(img, i_mod[0], i_mod[1]))  # [B, H, N, D] each
+        tq, tk, tv = self.txt_attn.qkv_heads(ada_norm(txt, t_mod[0], t_mod[1]))  # [B, H, L, D] each
+        iq, ik, iv = self.img_attn.qkv_heads(ada_norm(img, i_mod[0], i_mod[1]))  # [B, H, N, D] each
         q, k = with_rope(torch.cat((tq, iq), dim=2), torch.cat((tk, ik), dim=2), pe)
         out = attention(q, k, torch.cat((tv, iv), dim=2), mask)  # [B, L + N, C]
         t_out, i_out = out[:, : txt.shape[1]], out[:, txt.shape[1] :]
         img = img + i_mod[2][:, None] * self.img_attn.proj(i_out)
-        img = img + i_mod[5][:, None] * self.img_mlp(modulate(img, i_mod[3], i_mod[4]))
+        img = img + i_mod[5][:, None] * self.img_mlp(ada_norm(img, i_mod[3], i_mod[4]))
         if self.txt_mlp is None:
             return txt, img
         txt = txt + t_mod[2][:, None] * self.txt_attn.proj(t_out)
-        txt = txt + t_mod[5][:, None] * self.txt_mlp(modulate(txt, t_mod[3], t_mod[4]))
+        txt = txt + t_mod[5][:, None] * self.txt_mlp(ada_norm(txt, t_mod[3], t_mod[4]))
         return txt, img
 
 
@@ -211,7 +191,7 @@ class SingleStreamBlock(nn.Module):
     def forward(self, x, vec, pe, mask) -> torch.Tensor:
         # x [B, L + N, C], vec [B, C] (SiLU applied)
         shift, scale, gate = self.mod(vec).chunk(3, dim=-1)  # [B, C] each
-        qkv, h = self.linear1(modulate(x, shift, scale)).split([3 * x.shape[-1], self.mlp_hidden], dim=-1)
+        qkv, h = self.linear1(ada_norm(x, shift, scale)).split([3 * x.shape[-1], self.mlp_hidden], dim=-1)
         q, k, v = split_heads(qkv, self.heads)  # [B, H, L + N, D] each
         q, k = with_rope(self.q_norm(q), self.k_norm(k), pe)
         out = torch.cat((attention(q, k, v, mask), F.gelu(h, approximate="tanh")), dim=-1)
@@ -219,8 +199,8 @@ class SingleStreamBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN (continuous, no gate) then a linear map to the packed patch features. Modulation order is FLUX's
-    (shift, scale); diffusers' AdaLayerNormContinuous stores (scale, shift)."""
+    """adaLN (continuous, no gate) then a linear map to the packed patch features; modulation order (shift, scale)
+    as in the FLUX and SD3 originals."""
 
     def __init__(self, C: int, out: int):
         super().__init__()
@@ -229,28 +209,28 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
         shift, scale = self.mod(vec).chunk(2, dim=-1)
-        return self.linear(modulate(x, shift, scale))
+        return self.linear(ada_norm(x, shift, scale))
 
 
 # ---------------------------------------------------------------------------- the network
 
 
-def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+def pack(x: torch.Tensor, p: int) -> torch.Tensor:
     """[B, C, H, W] -> [B, (H/p)(W/p), C p p]: tokens row-major, features (c, ph, pw) as FLUX packs latents."""
     B, C, H, W = x.shape
     x = x.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)  # [B, h, w, C, p, p]
     return x.reshape(B, (H // p) * (W // p), C * p * p)
 
 
-def unpatchify(x: torch.Tensor, p: int, H: int, W: int) -> torch.Tensor:
-    """Inverse of patchify: [B, (H/p)(W/p), C p p] -> [B, C, H, W]."""
+def unpack(x: torch.Tensor, p: int, H: int, W: int) -> torch.Tensor:
+    """Inverse of pack: [B, (H/p)(W/p), C p p] -> [B, C, H, W]."""
     B = x.shape[0]
     x = x.view(B, H // p, W // p, -1, p, p).permute(0, 3, 1, 4, 2, 5)  # [B, C, h, p, w, p]
     return x.reshape(B, -1, H, W)
 
 
 class MMDiT(nn.Module):
-    """FLUX-style MMDiT: forward(x [B,C,H,W], t [B], context [B,L,D], context_mask [B,L], y [B,y_dim],
+    """MMDiT (FLUX or SD3): forward(x [B,C,H,W], t [B], context [B,L,D], context_mask [B,L], y [B,y_dim],
     guidance [B]) -> [B,out,H,W]."""
 
     def __init__(self, cfg: MMDiTConfig):
@@ -259,11 +239,12 @@ class MMDiT(nn.Module):
         C, p = cfg.hidden_size, cfg.patch_size
         self.img_in = nn.Linear(cfg.in_channels * p * p, C)
         self.txt_in = nn.Linear(cfg.context_dim, C)
-        self.time_in = MLPEmbedder(cfg.time_embed_dim, C)
+        self.time_in = TimestepEmbedder(C)
         self.vector_in = MLPEmbedder(cfg.y_dim, C) if cfg.y_dim else None
-        self.guidance_in = MLPEmbedder(cfg.time_embed_dim, C) if cfg.guidance_embed else None
+        self.guidance_in = TimestepEmbedder(C) if cfg.guidance_embed else None
         if cfg.pos_embed_max_size:  # fixed, but saved: SD3 checkpoints carry their own table
-            self.register_buffer("pos_embed", sincos_2d(C, cfg.pos_embed_max_size))  # [side^2, C]
+            side = cfg.pos_embed_max_size
+            self.register_buffer("pos_embed", pos_embed_2d(C, side, side, base=side))  # [side^2, C]
         self.double_blocks = nn.ModuleList(
             DoubleStreamBlock(cfg, text_out=cfg.depth_single > 0 or i < cfg.depth - 1) for i in range(cfg.depth)
         )
@@ -275,11 +256,7 @@ class MMDiT(nn.Module):
         """DiT's recipe: Xavier-uniform linears with zero bias, N(0, 0.02) for the conditioning MLPs, and zero
         modulations and output layer. Every gate starts at 0, so each block is the identity and the untrained
         net predicts zero; the gates learn first, which keeps early training stable (Peebles & Xie 2023)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        xavier_init(self)
         for emb in (self.time_in, self.vector_in, self.guidance_in):
             if emb is not None:
                 nn.init.normal_(emb.fc1.weight, std=0.02), nn.init.normal_(emb.fc2.weight, std=0.02)
@@ -292,12 +269,12 @@ class MMDiT(nn.Module):
         """Conditioning vector: MLP(time) + MLP(guidance * guidance_factor) + MLP(y), SiLU applied once for every
         modulation: -> [B, C]."""
         cfg = self.cfg
-        vec = self.time_in(timestep_embedding(t, cfg.time_embed_dim).to(dtype))
+        vec = self.time_in(t, dtype)
         if self.guidance_in is not None:
             if guidance is None:
                 raise ValueError("this MMDiT is guidance-distilled: give guidance [B] (the guidance scale)")
-            g = guidance.expand(t.shape[0]) if guidance.dim() == 0 else guidance
-            vec = vec + self.guidance_in(timestep_embedding(g * cfg.guidance_factor, cfg.time_embed_dim).to(dtype))
+            g = torch.as_tensor(guidance, dtype=torch.float32, device=t.device).expand(t.shape[0])  # [B]
+            vec = vec + self.guidance_in(g * cfg.guidance_factor, dtype)
         if (y is None) != (self.vector_in is None):
             raise ValueError(
                 f"this MMDiT needs y [B, {cfg.y_dim}]" if cfg.y_dim else "this MMDiT has y_dim=0 but was given y"
@@ -345,7 +322,7 @@ class MMDiT(nn.Module):
             raise ValueError("this MMDiT takes no micro-conditions")
         t = t.expand(B) if t.dim() == 0 else t  # [B]
         vec = self.embed(t, y, guidance, x.dtype)  # [B, C]
-        img = self.img_in(patchify(x, p))  # [B, N, C]
+        img = self.img_in(pack(x, p))  # [B, N, C]
         if self.cfg.pos_embed_max_size:
             img = img + self.table_positions(H // p, W // p).to(img.dtype)
         txt = self.txt_in(context.to(x.dtype))  # [B, L, C]
@@ -359,7 +336,7 @@ class MMDiT(nn.Module):
         h = torch.cat((txt, img), dim=1)  # [B, L + N, C]
         for block in self.single_blocks:
             h = block(h, vec, pe, mask)
-        return unpatchify(self.final_layer(h[:, L:], vec), p, H, W)  # [B, out_channels, H, W]
+        return unpack(self.final_layer(h[:, L:], vec), p, H, W)  # [B, out_channels, H, W]
 
 
 # ---------------------------------------------------------------------------- presets
