@@ -10,7 +10,7 @@ import torch
 
 import inkwash
 from inkwash.errors import UserError
-from inkwash.formats import diffusers_dit as F
+from inkwash.formats import diffusers_dit as conv
 from inkwash.models import PRESETS, DiT, PixArt, build_model, config_from_dict, config_to_dict, count_flops, get_preset
 from inkwash.train.trainer import TrainConfig, train
 
@@ -53,7 +53,7 @@ def _diffusers_dit():
 @pytest.mark.parametrize("side", [8, 12])  # the configured size, and another (positions interpolated)
 def test_dit_matches_diffusers(side):
     theirs = _diffusers_dit()
-    ours = F.dit_from_diffusers(dict(theirs.config), theirs.state_dict()).eval()
+    ours = conv.dit_from_diffusers(dict(theirs.config), theirs.state_dict()).eval()
     assert ours.cfg.learn_sigma and ours.cfg.out_channels == 4 and ours.cfg.num_classes == 10
     g = torch.Generator().manual_seed(1)
     x, t, labels = torch.randn(2, 4, side, side, generator=g), torch.tensor([3.5, 871.0]), torch.tensor([3, 10])
@@ -84,7 +84,7 @@ def _diffusers_pixart(layout: str):
 @pytest.mark.parametrize("masked", [False, True])
 def test_pixart_matches_diffusers(layout, masked):
     theirs = _diffusers_pixart(layout)
-    ours = F.pixart_from_diffusers(dict(theirs.config), theirs.state_dict()).eval()
+    ours = conv.pixart_from_diffusers(dict(theirs.config), theirs.state_dict()).eval()
     g = torch.Generator().manual_seed(1)
     x, t, ctx = torch.randn(2, 4, 8, 12, generator=g), torch.tensor([3.5, 871.0]), torch.randn(2, 5, 20, generator=g)
     mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool) if masked else None
@@ -103,10 +103,10 @@ def test_pixart_matches_diffusers(layout, masked):
 
 def test_export_to_diffusers_round_trips():
     for theirs, to_cfg, to_sd, from_diffusers, cls in [
-        (_diffusers_dit(), F.dit_config_to_diffusers, F.dit_state_dict_to_diffusers, F.dit_from_diffusers,
+        (_diffusers_dit(), conv.dit_config_to_diffusers, conv.dit_state_dict_to_diffusers, conv.dit_from_diffusers,
          diffusers.DiTTransformer2DModel),
-        (_diffusers_pixart("1024-like"), F.pixart_config_to_diffusers, F.pixart_state_dict_to_diffusers,
-         F.pixart_from_diffusers, diffusers.PixArtTransformer2DModel),
+        (_diffusers_pixart("1024-like"), conv.pixart_config_to_diffusers, conv.pixart_state_dict_to_diffusers,
+         conv.pixart_from_diffusers, diffusers.PixArtTransformer2DModel),
     ]:  # fmt: skip
         ours = from_diffusers(dict(theirs.config), theirs.state_dict())
         again = cls(**to_cfg(ours.cfg))
@@ -121,7 +121,7 @@ def test_untied_per_block_embedders_are_refused():
     key = "transformer_blocks.1.norm1.emb.class_embedder.embedding_table.weight"
     sd[key] = sd[key] + 1
     with pytest.raises(UserError, match=r"embedders differ.*transformer_blocks\.1\.norm1\.emb\.class_embedder"):
-        F.dit_state_dict_from_diffusers(sd, F.dit_config_from_diffusers(theirs.config))
+        conv.dit_state_dict_from_diffusers(sd, conv.dit_config_from_diffusers(theirs.config))
 
 
 def test_unmatched_and_missing_keys_are_listed():
@@ -130,16 +130,16 @@ def test_unmatched_and_missing_keys_are_listed():
     sd["mystery.weight"] = torch.zeros(1)
     del sd["transformer_blocks.1.attn2.to_k.bias"]
     with pytest.raises(UserError, match=r"unmatched keys \['mystery\.weight'\].*attn2\.to_k\.bias"):
-        F.pixart_from_diffusers(dict(theirs.config), sd)
+        conv.pixart_from_diffusers(dict(theirs.config), sd)
 
 
 def test_unsupported_settings_are_refused():
     with pytest.raises(UserError, match="activation_fn"):
-        F.dit_config_from_diffusers({"activation_fn": "geglu"})
+        conv.dit_config_from_diffusers({"activation_fn": "geglu"})
     with pytest.raises(UserError, match="caption_channels"):
-        F.pixart_config_from_diffusers({"caption_channels": None})
+        conv.pixart_config_from_diffusers({"caption_channels": None})
     with pytest.raises(UserError, match="class-conditional"):
-        F.dit_config_to_diffusers(get_preset("dit-shapes"))
+        conv.dit_config_to_diffusers(get_preset("dit-shapes"))
 
 
 # ---------------------------------------------------------------------------- size and cost
@@ -158,7 +158,7 @@ def test_pixart_alpha_parameter_count_matches_diffusers():
     with torch.device("meta"):
         ours = build_model(get_preset("pixart-alpha-xl2"))
         theirs = diffusers.PixArtTransformer2DModel(caption_channels=4096)  # PixArt-XL-2-1024-MS's config
-    assert F.pixart_config_from_diffusers(theirs.config) == get_preset("pixart-alpha-xl2")
+    assert conv.pixart_config_from_diffusers(theirs.config) == get_preset("pixart-alpha-xl2")
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters()) == 611_349_152
 
 

@@ -33,7 +33,7 @@ DIFFUSERS_DIT_FREQ_SHIFT = 1.0  # diffusers' DiT embeds time with downscale_freq
 
 # One entry per inkwash tensor: (our key, diffusers keys, how they combine). "cat": ours is their tensors
 # concatenated along dim 0 (fused QKV); "tied": every one of theirs is a copy of ours.
-Mapping_ = list[tuple[str, tuple[str, ...], str]]
+KeyMap = list[tuple[str, tuple[str, ...], str]]
 
 
 def _check(config: Mapping, norm_type: str, what: str) -> tuple[int, int, int]:
@@ -143,11 +143,11 @@ def pixart_config_to_diffusers(cfg: PixArtConfig) -> dict:
     )
 
 
-def _linear(ours: str, theirs: str) -> Mapping_:
+def _linear(ours: str, theirs: str) -> KeyMap:
     return [(f"{ours}.{p}", (f"{theirs}.{p}",), "cat") for p in ("weight", "bias")]
 
 
-def _attention(ours: str, theirs: str, fused: dict[str, tuple[str, ...]]) -> Mapping_:
+def _attention(ours: str, theirs: str, fused: dict[str, tuple[str, ...]]) -> KeyMap:
     """Our fused projections (name -> their parts) and the output projection of one attention module."""
     out = _linear(f"{ours}.out", f"{theirs}.to_out.0")
     for name, parts in fused.items():
@@ -155,13 +155,13 @@ def _attention(ours: str, theirs: str, fused: dict[str, tuple[str, ...]]) -> Map
     return out
 
 
-def _block_common(i: int) -> Mapping_:
+def _block_common(i: int) -> KeyMap:
     b, d = f"blocks.{i}", f"transformer_blocks.{i}"
     m = _attention(f"{b}.attn", f"{d}.attn1", {"qkv": ("to_q", "to_k", "to_v")})
     return m + _linear(f"{b}.mlp.fc1", f"{d}.ff.net.0.proj") + _linear(f"{b}.mlp.fc2", f"{d}.ff.net.2")
 
 
-def _dit_mapping(cfg: DiTConfig) -> Mapping_:
+def _dit_mapping(cfg: DiTConfig) -> KeyMap:
     m = _linear("patch_embed.proj", "pos_embed.proj")
     emb = [f"transformer_blocks.{i}.norm1.emb" for i in range(cfg.depth)]
     for j in (1, 2):
@@ -173,7 +173,7 @@ def _dit_mapping(cfg: DiTConfig) -> Mapping_:
     return m + _linear("final.adaLN", "proj_out_1") + _linear("final.linear", "proj_out_2")
 
 
-def _pixart_mapping(cfg: PixArtConfig) -> Mapping_:
+def _pixart_mapping(cfg: PixArtConfig) -> KeyMap:
     e = "adaln_single.emb"
     m = _linear("patch_embed.proj", "pos_embed.proj") + _linear("t_block", "adaln_single.linear")
     m += [("scale_shift_table", ("scale_shift_table",), "cat")]
@@ -194,7 +194,7 @@ def _pixart_mapping(cfg: PixArtConfig) -> Mapping_:
     return m + _linear("linear_out", "proj_out")
 
 
-def _from_diffusers(sd: Mapping[str, torch.Tensor], mapping: Mapping_, what: str) -> dict[str, torch.Tensor]:
+def _from_diffusers(sd: Mapping[str, torch.Tensor], mapping: KeyMap, what: str) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     missing, untied = [], []
     for ours, theirs, how in mapping:
@@ -218,7 +218,7 @@ def _from_diffusers(sd: Mapping[str, torch.Tensor], mapping: Mapping_, what: str
     return out
 
 
-def _to_diffusers(sd: Mapping[str, torch.Tensor], mapping: Mapping_, what: str) -> dict[str, torch.Tensor]:
+def _to_diffusers(sd: Mapping[str, torch.Tensor], mapping: KeyMap, what: str) -> dict[str, torch.Tensor]:
     missing = [ours for ours, _, _ in mapping if ours not in sd]
     unmatched = sorted(sd.keys() - {ours for ours, _, _ in mapping})
     if unmatched or missing:
