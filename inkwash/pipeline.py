@@ -249,7 +249,9 @@ class Pipeline:
 
     @property
     def size_multiple(self) -> int:
-        return self.latent_factor * self.model_cfg.size_multiple  # every denoiser config says what its side must divide by
+        return (
+            self.latent_factor * self.model_cfg.size_multiple
+        )  # every denoiser config says what its side must divide by
 
     def check_size(self, size: int) -> int:
         m = self.size_multiple

@@ -18,6 +18,7 @@ from inkwash.models import (
     count_flops,
     get_preset,
 )
+from inkwash.models.registry import ARCHS
 
 TINY = get_preset("unet-tiny")
 
@@ -117,7 +118,7 @@ def test_preset_sizes(name, low, high):
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_config_dict_round_trip(name):
     d = json.loads(json.dumps(config_to_dict(PRESETS[name])))
-    assert d["arch"] == ("vae" if name.startswith("vae-") else "unet")
+    assert type(PRESETS[name]) is ARCHS[d["arch"]][0]
     assert config_from_dict(d) == PRESETS[name]
 
 

@@ -15,6 +15,8 @@ from torch import nn
 from inkwash.config import dataclass_from_dict
 from inkwash.errors import UserError
 from inkwash.models.dit import DiT, DiTConfig
+from inkwash.models.mmdit import PRESETS as MMDIT_PRESETS
+from inkwash.models.mmdit import MMDiT, MMDiTConfig
 from inkwash.models.pixart import PixArt, PixArtConfig
 from inkwash.models.unet import UNet, UNetConfig
 from inkwash.models.vae import VAE, VAEConfig
@@ -141,3 +143,8 @@ register(
 register(  # Shapes latents with MiniLM tokens: 9.1M parameters
     "pixart-shapes", PixArtConfig(hidden_size=256, depth=8, num_heads=4, context_dim=384, sample_size=16)
 )
+
+# FLUX-style MMDiT (double- and single-stream blocks) and SD3's variant; the presets live beside the network.
+register_arch("mmdit", MMDiTConfig, MMDiT)
+for _name, _cfg in MMDIT_PRESETS.items():
+    register(_name, _cfg)
