@@ -191,6 +191,8 @@ def test_cli_train_vae_then_eval_vae(tmp_path, capsys):
         (["train-vae", "--set", "model=unet-tiny"], "not an autoencoder"),
         (["train-vae", "--set", "model=nope"], "unknown model preset"),
         (["train-vae", "--set", "colour=red"], "colour"),
+        (["train-vae", "--set", "crop=6"], "crop 6 is not a multiple"),
+        (["train-vae", "--set", "crop=128"], "larger than image_size"),
         (["train-vae", "--set", "output_dir=OUT", "--resume"], "nothing to resume"),
         (["eval-vae", "MISSING/v.safetensors"], "does not exist"),
         (["eval-vae", "FOREIGN"], "inkwash"),
@@ -222,3 +224,27 @@ def test_vae_cli_mistakes_get_one_sentence_and_exit_2(argv, needle, model_file, 
 def test_the_recipe_and_preset_agree():
     cfg = VAETrainConfig.from_dict(json.loads(open("recipes/vae-shapes-f4.json").read()))
     assert cfg.model == "vae-shapes-f4" and get_preset(cfg.model).downsample == 4 and cfg.image_size == 64
+
+
+def test_crops_are_on_the_latent_grid_and_cut_from_the_full_images(tmp_path):
+    full = VAETrainer(tiny(tmp_path)).batch()  # [4, 3, 32, 32]
+    tr = VAETrainer(tiny(tmp_path, crop=8))
+    crops = tr.batch()
+    assert crops.shape == (4, 3, 8, 8)
+    corners = set()
+    for im, crop in zip(full, crops):  # each crop is a window of its own image starting on the f = 2 grid
+        grid = [(t, lf) for t in range(0, 25, 2) for lf in range(0, 25, 2)]
+        hits = [(t, lf) for t, lf in grid if torch.equal(im[:, t : t + 8, lf : lf + 8], crop)]
+        assert hits, "a crop is not a grid-aligned window of its image"
+        corners.add(hits[0])
+    assert len(corners) > 1  # drawn per image, not one window for the batch
+    train_vae(tiny(tmp_path, crop=16, steps=2), progress=False)  # trains, and the saved VAE is whole-image
+
+
+def test_mse_term_changes_the_gradient(tmp_path):
+    def grad(**kw):
+        tr = VAETrainer(tiny(tmp_path, **kw))
+        tr.train_step()
+        return torch.cat([p.grad.flatten() for p in tr.net.parameters()])
+
+    assert not torch.allclose(grad(), grad(mse_weight=1.0))

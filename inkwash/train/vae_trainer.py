@@ -85,6 +85,7 @@ class VAETrainConfig:
     dataset: str = "shapes"  # "shapes" or an image folder
     dataset_args: dict = field(default_factory=dict)
     image_size: int = 64
+    crop: int = 0  # train on random crops of this side (a multiple of the VAE's factor); 0 = whole images
     batch_size: int = 16
     lr: float = 1e-3
     warmup_steps: int = 0  # linear warm-up from 0 to lr, then constant or lr_decay
@@ -94,6 +95,7 @@ class VAETrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max grad norm of the autoencoder (on the per-pixel loss); 0 = off
     kl_weight: float = 1e-6  # Stable Diffusion's
+    mse_weight: float = 0.0  # an L2 term beside L1 (per pixel, on [-1, 1]); PSNR is an L2 measure
     perceptual_weight: float = 0.0  # our Shapes feature network's LPIPS-like distance (not LPIPS); 0 = off
     adversarial_weight: float = 0.0  # PatchGAN hinge loss; 0 = off
     adversarial_start: int = 0  # the step the discriminator (and its generator term) starts
@@ -118,11 +120,11 @@ class VAETrainConfig:
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
                 raise UserError(f"VAE training option {name} must be a positive integer, got {value!r}.")
-        for name in ("warmup_steps", "checkpoint_every", "adversarial_start", "disc_layers"):
+        for name in ("warmup_steps", "checkpoint_every", "adversarial_start", "disc_layers", "crop"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 0):
                 raise UserError(f"VAE training option {name} must be an integer >= 0, got {value!r}.")
-        for name in ("kl_weight", "perceptual_weight", "adversarial_weight", "grad_clip", "weight_decay"):
+        for name in ("kl_weight", "mse_weight", "perceptual_weight", "adversarial_weight", "grad_clip", "weight_decay"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise UserError(f"VAE training option {name} must be a number >= 0, got {value!r}.")
@@ -265,11 +267,14 @@ class VAETrainer:
         self.model_cfg = vae_config(cfg.model)
         if self.model_cfg.in_channels != 3 or self.model_cfg.out_channels != 3:
             raise UserError("The VAE trainer trains on RGB images: the model needs 3 input and output channels.")
-        if cfg.image_size % self.model_cfg.downsample:
-            raise UserError(
-                f"image_size {cfg.image_size} is not a multiple of the VAE's downsampling factor "
-                f"{self.model_cfg.downsample}."
-            )
+        for name in ("image_size", "crop"):
+            side = getattr(cfg, name)
+            if side % self.model_cfg.downsample:
+                raise UserError(
+                    f"{name} {side} is not a multiple of the VAE's downsampling factor {self.model_cfg.downsample}."
+                )
+        if cfg.crop > cfg.image_size:
+            raise UserError(f"crop {cfg.crop} is larger than image_size {cfg.image_size}.")
         torch.manual_seed(seed_for(cfg.seed, "vae-init"))
         self.net = VAE(self.model_cfg).to(self.device)
         if cfg.logvar_init is not None:
@@ -298,6 +303,13 @@ class VAETrainer:
     def batch(self) -> torch.Tensor:
         b = self.cfg.batch_size
         images, _ = load_batch(self.dataset, self.order.indices(self.step * b, b))
+        c, f = self.cfg.crop, self.model_cfg.downsample
+        if c and c < self.cfg.image_size:  # one random crop per image, on the latent grid
+            g = generator_for(self.cfg.seed, "vae-crop", self.step)
+            corners = torch.randint(0, (self.cfg.image_size - c) // f + 1, (b, 2), generator=g) * f
+            images = torch.stack(
+                [im[:, top : top + c, left : left + c] for im, (top, left) in zip(images, corners.tolist())]
+            )
         return images.to(self.device, torch.float32)
 
     def _diverged(self, what: str) -> TrainingDiverged:
@@ -323,6 +335,8 @@ class VAETrainer:
         l1 = (recon - x).abs().flatten(1).sum(1)  # [B]
         kl = posterior.kl()
         rec = l1
+        if cfg.mse_weight:
+            rec = rec + cfg.mse_weight * (recon - x).pow(2).flatten(1).sum(1)
         parts: dict[str, float] = {}
         if self.perceptual is not None:
             p = self.perceptual(recon, x)
