@@ -21,7 +21,7 @@ def _generate(args) -> None:
     images = pipe(
         args.prompt, negative_prompt=args.negative, n=args.n, seed=args.seed, size=args.size,
         steps=args.steps, sampler=args.sampler, schedule=args.schedule, guidance=args.guidance, rescale=args.rescale,
-        precision=args.precision, refiner=refiner, handoff=args.handoff,
+        precision=args.precision, refiner=refiner, handoff=args.handoff, class_label=args.class_label,
     )  # fmt: skip
     out = Path(args.output)
     for i, img in enumerate(images):
@@ -163,9 +163,16 @@ def _serve(args) -> None:
 
 
 def _info(args) -> None:
-    from .pipeline import load
+    from .models.registry import PRESETS
+    from .pipeline import load, preset_info
 
-    print(json.dumps(load(args.model).info(), indent=2))
+    if args.model in PRESETS and not Path(args.model).exists():  # a preset: counted on the meta device
+        info = preset_info(args.model, args.size)
+    else:
+        if args.size is not None:
+            raise UserError("--size is for presets; a model file is counted at the size it was trained at")
+        info = load(args.model).info()
+    print(json.dumps(info, indent=2))
 
 
 def _run_parser(sub, name: str, help: str, options: str) -> argparse.ArgumentParser:
@@ -188,13 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate images from a prompt")
-    g.add_argument("prompt")
+    g.add_argument("prompt", nargs="?", default=None, help="what to draw (not for class-conditional models)")
+    g.add_argument("--class-label", dest="class_label", type=int, default=None, metavar="N",
+                   help="a class-conditional model's class (ImageNet DiT: 0..999); CFG: the null class")  # fmt: skip
     g.add_argument("--model", default=None, help="an inkwash model file (default: the bundled Shapes model)")
     g.add_argument("--negative", default="", help="negative prompt")
     g.add_argument("--steps", type=int, default=None)
     g.add_argument("--sampler", default=None, help=f"one of: {', '.join(SAMPLERS)}")
     g.add_argument("--schedule", default=None, help=f"one of: {', '.join(SCHEDULES)}")
-    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (a guidance-"
+                   "distilled model, e.g. FLUX dev, takes it as an input and runs one forward per step)")  # fmt: skip
     g.add_argument("--rescale", type=float, default=None, help="guidance rescale phi (Lin et al. 2023)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
@@ -280,7 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(fn=_serve)
 
     i = sub.add_parser("info", help="print a model's config, parameter count and MACs per step")
-    i.add_argument("model", nargs="?", default=None)
+    i.add_argument("model", nargs="?", default=None, help="a model file or a preset name (e.g. dit-xl2, flux-dev)")
+    i.add_argument("--size", type=int, default=None, help="a preset's input side in network positions (latent "
+                   "positions for a latent preset; default: the side it is laid out for, else 32)")  # fmt: skip
     i.set_defaults(fn=_info)
     return p
 

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from .data.base import to_uint8_hwc
-from .diffusion import Denoiser, Process, process_from_dict
+from .diffusion import Denoiser, Flow, Process, process_from_dict
 from .errors import UserError
 from .formats.checkpoint import load_exact, load_model_file, strip_prefix
 from .models.registry import build_model, config_from_dict, config_to_dict, get_preset
@@ -93,19 +93,57 @@ def micro_conditions(model_cfg, b: int, size: int, original: int, crop: tuple[in
     return torch.tensor([row] * b, dtype=torch.float32, device=device)
 
 
+def size_condition(model_cfg, b: int, size: int, device=None) -> torch.Tensor | None:
+    """PixArt-α 1024's size conditions per image, [b, 3] = (height, width, aspect ratio) in pixels; None for
+    networks without them."""
+    if not getattr(model_cfg, "size_conditioning", False):
+        return None
+    return torch.tensor([[size, size, 1.0]] * b, dtype=torch.float32, device=device)
+
+
+def class_labels(model_cfg, labels: list[int], device=None) -> torch.Tensor:
+    """Class labels [B] for a class-conditional network, checked against its classes (the last is the null class)."""
+    n = getattr(model_cfg, "num_classes", 0)
+    bad = [c for c in labels if not isinstance(c, int) or not 0 <= c < n]
+    if bad:
+        raise UserError(f"class label {bad[0]!r} is not one of this model's classes 0..{n - 1}")
+    return torch.tensor(labels, dtype=torch.long, device=device)
+
+
+def example_inputs(model_cfg, side: int, context_tokens: int = 8, device="meta") -> dict[str, torch.Tensor]:
+    """Batch-of-one network inputs for every condition the config takes (for counting MACs on the meta device)."""
+    kw = {"x": torch.zeros(1, model_cfg.in_channels, side, side, device=device), "t": torch.zeros(1, device=device)}
+    if getattr(model_cfg, "context_dim", 0):
+        kw["context"] = torch.zeros(1, context_tokens, model_cfg.context_dim, device=device)
+    if getattr(model_cfg, "y_dim", 0):
+        kw["y"] = torch.zeros(1, model_cfg.y_dim, device=device)
+    if getattr(model_cfg, "num_classes", 0):
+        kw["y"] = torch.zeros(1, dtype=torch.long, device=device)
+    if getattr(model_cfg, "guidance_embed", False):
+        kw["guidance"] = torch.zeros(1, device=device)
+    micro = getattr(model_cfg, "micro_conditions", 0) or (3 if getattr(model_cfg, "size_conditioning", False) else 0)
+    if micro:
+        kw["micro"] = torch.zeros(1, micro, device=device)
+    return kw
+
+
 def fit_to_encoder(model_cfg, encoder: TextEncoder):
     """The network config with its cross-attention and pooled-vector widths set to the encoder's."""
     widths = (("context_dim", encoder.dim), ("y_dim", encoder.pooled_dim))
     return dataclasses.replace(model_cfg, **{k: v for k, v in widths if getattr(model_cfg, k, 0)})
 
 
-def png_parameters(prompt: str, negative: str, s: Sampling, seed: int, size: int, model: str) -> str:
-    """A1111-style `parameters` text, so settings can be read back from the PNG."""
+def png_parameters(
+    prompt: str, negative: str, s: Sampling, seed: int, size: int, model: str, distilled: bool = False
+) -> str:
+    """A1111-style `parameters` text, so settings can be read back from the PNG. A guidance-distilled model's
+    scale is written as Forge writes FLUX dev's: CFG scale 1 (no CFG) and a `Distilled CFG Scale`."""
     neg = f"\nNegative prompt: {negative}" if negative else ""
     sched = f", Schedule type: {s.schedule}" if s.schedule else ""
     rescale = f", Guidance rescale: {s.rescale}" if s.rescale else ""
+    cfg = f"CFG scale: 1, Distilled CFG Scale: {s.guidance}" if distilled else f"CFG scale: {s.guidance}"
     return (
-        f"{prompt}{neg}\nSteps: {s.steps}, Sampler: {s.sampler}{sched}, CFG scale: {s.guidance}{rescale}, "
+        f"{prompt}{neg}\nSteps: {s.steps}, Sampler: {s.sampler}{sched}, {cfg}{rescale}, "
         f"Seed: {seed}, Size: {size}x{size}, Model: {model}"
     )
 
@@ -225,12 +263,13 @@ class Pipeline:
 
     @classmethod
     def from_preset(cls, name: str, text_encoder: str = "minilm", size: int = 32) -> Pipeline:
-        """An untrained model of a named architecture (for benchmarks and `inkwash info`)."""
+        """An untrained model of a named architecture (for benchmarks; `preset_info` counts one without weights)."""
         encoder = build_text_encoder(text_encoder)
         cfg = fit_to_encoder(get_preset(name), encoder)
         return cls(
-            build_model(cfg).eval(), cfg, process_from_dict({"kind": "vp"}), "eps", encoder.eval(), size, name=name
-        )
+            build_model(cfg).eval(), cfg, process_from_dict({"kind": "vp"}), "eps", encoder.eval(), size,
+            channels=cfg.in_channels, name=name,
+        )  # fmt: skip
 
     def to(self, device: str | torch.device) -> Pipeline:
         self.device = torch.device(device)
@@ -260,20 +299,86 @@ class Pipeline:
                             f"(it was trained at {self.image_size})")  # fmt: skip
         return size
 
+    @property
+    def num_classes(self) -> int:
+        """Classes of a class-conditional network (DiT's ImageNet models), 0 for text-conditioned ones."""
+        return getattr(self.model_cfg, "num_classes", 0)
+
+    @property
+    def guidance_distilled(self) -> bool:
+        """FLUX dev: the guidance scale is a network input, so sampling runs no classifier-free guidance."""
+        return bool(getattr(self.model_cfg, "guidance_embed", False))
+
     def settings(self, **overrides) -> Sampling:
         """The model's sampling defaults with the given (non-None) overrides, validated."""
         s = dataclasses.replace(self.sampling, **{k: v for k, v in overrides.items() if v is not None})
         get_sampler(s.sampler)
         if not isinstance(s.steps, int) or s.steps <= 0:
             raise UserError(f"steps must be a positive whole number, got {s.steps}")
-        make_times(self.process, s.steps, s.schedule)  # validates the schedule for this process
+        self.times(s, self.image_size)  # validates the schedule for this process
         if s.guidance < 0:
             raise UserError(f"guidance must be >= 0, got {s.guidance}")
+        if s.rescale and self.guidance_distilled:
+            raise UserError("guidance rescale needs classifier-free guidance, which a guidance-distilled model "
+                            "does not run")  # fmt: skip
         return s
+
+    def times(self, s: Sampling, size: int) -> torch.Tensor:
+        """The time grid; a flow model with `dynamic_shift` (FLUX) shifts it by the image's token count."""
+        opts = {}
+        if isinstance(self.process, Flow) and self.process.dynamic_shift and (s.schedule or "shift") == "shift":
+            side = size // self.latent_factor // getattr(self.model_cfg, "patch_size", 1)
+            opts["seq_len"] = side * side
+        return make_times(self.process, s.steps, s.schedule, **opts)
+
+    def conditions(self, prompts: list[str], negative_prompt: str, labels: list[int] | None, s: Sampling,
+                   size: int) -> tuple[dict, dict | None]:  # fmt: skip
+        """Network keyword arguments (cond, uncond) for a batch: text, or class labels with the null class as
+        the unconditional input; uncond is None without classifier-free guidance (scale 1, guidance-distilled)."""
+        b = len(prompts)
+        cfg_guided = s.guidance != 1 and not self.guidance_distilled
+        if labels is not None:
+            cond = {"y": class_labels(self.model_cfg, labels, self.device)}
+            uncond = {"y": torch.full((b,), self.num_classes, dtype=torch.long, device=self.device)}  # null class
+        else:
+            cond = text_cond(self.encoder(prompts), self.model_cfg)
+            uncond = text_cond(self.encoder([negative_prompt] * b), self.model_cfg) if cfg_guided else None
+        extra = {}  # conditions shared by both halves of the guided batch
+        micro = size_condition(self.model_cfg, b, size, self.device)
+        if micro is not None:
+            extra["micro"] = micro
+        if self.guidance_distilled:  # FLUX dev: one forward per step, the scale told to the network
+            extra["guidance"] = torch.full((b,), float(s.guidance), device=self.device)
+        cond.update(extra)
+        if not cfg_guided:
+            return cond, None
+        uncond.update(extra)
+        return cond, uncond
+
+    def check_conditioning(self, prompts: list[str], negative_prompt: str, class_label) -> list[int] | None:
+        """The class labels for a class-conditional model (one per prompt slot); UserError for a prompt given to a
+        class model, a class label given to a text model, or a negative prompt where nothing can use it."""
+        if self.num_classes:
+            if any(p for p in prompts) or negative_prompt:
+                raise UserError(f"this model is class-conditional ({self.num_classes} classes) and takes no "
+                                "prompt: give a class label instead (--class-label N)")  # fmt: skip
+            if class_label is None:
+                raise UserError(f"this model is class-conditional: give a class label 0..{self.num_classes - 1} "
+                                "(--class-label N)")  # fmt: skip
+            labels = [class_label] if isinstance(class_label, int) else list(class_label)
+            if not labels:
+                raise UserError("no class labels given")
+            return labels
+        if class_label is not None:
+            raise UserError("this model is text-conditioned and has no class labels: give a prompt instead")
+        if negative_prompt and self.guidance_distilled:
+            raise UserError("this model is guidance-distilled (FLUX dev): it takes the guidance scale as an input "
+                            "and runs no classifier-free guidance, so it cannot use a negative prompt")  # fmt: skip
+        return None
 
     def prepare(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None,
         *,
         negative_prompt: str = "",
         n: int = 1,
@@ -282,11 +387,16 @@ class Pipeline:
         net: Callable | None = None,
         original_size: int | None = None,
         crop: tuple[int, int] = (0, 0),
+        class_label: int | list[int] | None = None,
         **overrides,
     ) -> SamplingRun:
-        """Validate, encode the text and draw the starting noise: everything `generate` samples with.
-        `net` replaces the network (the server's engine passes a stand-in that batches across requests)."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        """Validate, encode the text (or take the class labels) and draw the starting noise: everything `generate`
+        samples with. `net` replaces the network (the server's engine passes a stand-in that batches across
+        requests). A class-conditional model takes `class_label` (one, or one per image) and no prompt."""
+        prompts = _prompt_list(prompt)
+        labels = self.check_conditioning(prompts, negative_prompt, class_label)
+        if labels is not None:
+            prompts = [""] * len(labels)
         if not prompts:
             raise UserError("no prompts given")
         if any(len(p) > MAX_PROMPT_CHARS for p in prompts) or len(negative_prompt) > MAX_PROMPT_CHARS:
@@ -296,19 +406,20 @@ class Pipeline:
         s = self.settings(**overrides)
         size = self.check_size(self.image_size if size is None else size)
         prompts = [p for p in prompts for _ in range(n)]
+        labels = None if labels is None else [c for c in labels for _ in range(n)]
         b = len(prompts)
         seeds = [seed + i for i in range(b)] if isinstance(seed, int) else [int(s) for s in seed]
         if len(seeds) != b:
             raise UserError(f"{len(seeds)} seeds given for {b} images")
-        cond = text_cond(self.encoder(prompts), self.model_cfg)
-        uncond = text_cond(self.encoder([negative_prompt] * b), self.model_cfg) if s.guidance != 1 else None
+        cond, uncond = self.conditions(prompts, negative_prompt, labels, s, size)
         if getattr(self.model_cfg, "micro_conditions", 0):  # SDXL: ask for a full-size, uncropped original
             micro = micro_conditions(self.model_cfg, b, size, original_size or size, crop, self.device)
             cond["micro"] = micro
             if uncond is not None:
                 uncond["micro"] = micro
-        denoiser = Denoiser(self.net if net is None else net, self.process, self.prediction)
-        times = make_times(self.process, s.steps, s.schedule)
+        learn_sigma = getattr(self.model_cfg, "learn_sigma", False)
+        denoiser = Denoiser(self.net if net is None else net, self.process, self.prediction, learn_sigma)
+        times = self.times(s, size)
         side = size // self.latent_factor
         shape = (1, self.channels, side, side)
         x = torch.cat([self.process.init_noise(shape, torch.Generator().manual_seed(s), times[0]) for s in seeds])
@@ -318,7 +429,7 @@ class Pipeline:
     @torch.no_grad()
     def generate(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None,
         *,
         negative_prompt: str = "",
         n: int = 1,
@@ -328,18 +439,21 @@ class Pipeline:
         precision: str = "fp32",
         refiner: Pipeline | None = None,
         handoff: float = 0.8,
+        class_label: int | list[int] | None = None,
         **overrides,
     ) -> torch.Tensor:
         """Images [N, 3, H, W] in [-1, 1]; "" is the unconditional prompt. Image i starts from noise seeded
         `seed + i` (or `seed[i]` for a list) on the CPU, so it does not depend on the device or on the rest of
         the batch; stochastic samplers draw their later noise from one generator seeded by the first seed.
         `precision="bf16"` runs the network under bf16 autocast; the sampler's state stays float32.
-        `refiner`: a second model that does the last 1 - `handoff` of the denoising (SDXL base + refiner)."""
-        run = self.prepare(prompt, negative_prompt=negative_prompt, n=n, seed=seed, size=size, **overrides)
+        `refiner`: a second model that does the last 1 - `handoff` of the denoising (SDXL base + refiner).
+        A class-conditional model (DiT on ImageNet) takes `class_label` instead of a prompt."""
+        kw = dict(negative_prompt=negative_prompt, n=n, seed=seed, size=size, class_label=class_label, **overrides)
+        run = self.prepare(prompt, **kw)
         second = None
         if refiner is not None:
             self.check_refiner(refiner)
-            second = refiner.prepare(prompt, negative_prompt=negative_prompt, n=n, seed=seed, size=size, **overrides)
+            second = refiner.prepare(prompt, **kw)
         with autocast_for(precision, self.device)():
             return run(callback, second, handoff)
 
@@ -354,20 +468,26 @@ class Pipeline:
             raise UserError(f"{refiner.name} cannot refine {self.name}: a refiner needs the same noise process, "
                             "channels and autoencoder as the base model")  # fmt: skip
 
-    def __call__(self, prompt: str | list[str], *, negative_prompt: str = "", n: int = 1, seed: int = 0,
-                 size: int | None = None, callback=None, precision: str = "fp32", refiner: Pipeline | None = None,
-                 handoff: float = 0.8, **overrides) -> list[Image.Image]:  # fmt: skip
-        """PIL images carrying A1111-style `parameters` text."""
-        if any(not p.strip() for p in ([prompt] if isinstance(prompt, str) else prompt)):
+    def __call__(self, prompt: str | list[str] | None = None, *, negative_prompt: str = "", n: int = 1,
+                 seed: int = 0, size: int | None = None, callback=None, precision: str = "fp32",
+                 refiner: Pipeline | None = None, handoff: float = 0.8, class_label: int | list[int] | None = None,
+                 **overrides) -> list[Image.Image]:  # fmt: skip
+        """PIL images carrying A1111-style `parameters` text (a class model's carry "class N" as the prompt)."""
+        prompts = _prompt_list(prompt)
+        if not self.num_classes and (not prompts or any(not p.strip() for p in prompts)):
             raise UserError('the prompt is empty; say what to draw, e.g. "a red circle"')
         x = self.generate(prompt, negative_prompt=negative_prompt, n=n, seed=seed, size=size, callback=callback,
-                          precision=precision, refiner=refiner, handoff=handoff, **overrides)  # fmt: skip
+                          precision=precision, refiner=refiner, handoff=handoff, class_label=class_label,
+                          **overrides)  # fmt: skip
         s, size = self.settings(**overrides), x.shape[-1]
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if class_label is not None:
+            prompts = [f"class {c}" for c in ([class_label] if isinstance(class_label, int) else class_label)]
         model = self.name if refiner is None else f"{self.name}, Refiner: {refiner.name}, Refiner switch at: {handoff}"
         images = to_pil(x)
         for i, img in enumerate(images):
-            img.info["parameters"] = png_parameters(prompts[i // n], negative_prompt, s, seed + i, size, model)
+            img.info["parameters"] = png_parameters(
+                prompts[i // n], negative_prompt, s, seed + i, size, model, self.guidance_distilled
+            )
         return images
 
     # --- facts ----------------------------------------------------------------------------------
@@ -376,19 +496,13 @@ class Pipeline:
         from .models.flops import count_flops
 
         size = self.image_size // self.latent_factor
-        x = torch.zeros(1, self.channels, size, size, device="meta")
-        t = torch.zeros(1, device="meta")
-        kw = {}
-        if getattr(self.model_cfg, "context_dim", 0):
-            kw["context"] = torch.zeros(1, 8, self.model_cfg.context_dim, device="meta")
-        if getattr(self.model_cfg, "y_dim", 0):
-            kw["y"] = torch.zeros(1, self.model_cfg.y_dim, device="meta")
         meta_net = build_model_on_meta(self.model_cfg)
         return {
             "name": self.name,
             "model": config_to_dict(self.model_cfg),
             "parameters": sum(p.numel() for p in self.net.parameters()),
             "text_encoder": type(self.encoder).__name__,
+            "conditioning": conditioning_kind(self.model_cfg),
             "process": self.process.to_dict(),
             "prediction": self.prediction,
             "image_size": self.image_size,
@@ -396,8 +510,54 @@ class Pipeline:
             if self.vae is None
             else {**config_to_dict(self.vae.cfg), "shape": [self.channels, size, size]},
             "sampling": dataclasses.asdict(self.sampling),
-            "macs_per_step": count_flops(meta_net, {"x": x, "t": t, **kw}),
+            "macs_per_step": count_flops(meta_net, example_inputs(self.model_cfg, size)),
         }
+
+
+def preset_info(name: str, side: int | None = None) -> dict:
+    """Facts about a named architecture as registered (no text encoder fitted), built on the meta device so
+    that FLUX's 12B parameters cost nothing: parameters and MACs of one forward at `side` x `side` network
+    inputs (latent positions for a latent preset; default: the positions it is laid out for, else 32)."""
+    from .models.flops import count_flops
+
+    cfg = get_preset(name)
+    if not hasattr(cfg, "in_channels") or not hasattr(cfg, "size_multiple"):
+        raise UserError(f"{name!r} is not a denoising network preset (an autoencoder?); give a model file")
+    side = side or getattr(cfg, "sample_size", 0) or 32
+    if side % cfg.size_multiple:
+        raise UserError(f"size {side} is not a multiple of {cfg.size_multiple}, as {name} needs")
+    net = build_model_on_meta(cfg)
+    return {
+        "name": name,
+        "model": config_to_dict(cfg),
+        "parameters": sum(p.numel() for p in net.parameters()),
+        "input_shape": [cfg.in_channels, side, side],
+        "conditioning": conditioning_kind(cfg),
+        "macs_per_step": count_flops(net, example_inputs(cfg, side)),
+        "macs_note": "one forward pass, 8 text tokens where text is taken; classifier-free guidance doubles it "
+        "(not for a guidance-distilled model)",
+    }
+
+
+def conditioning_kind(cfg) -> str:
+    """What a network is conditioned on, in words."""
+    if getattr(cfg, "num_classes", 0):
+        return f"class label (0..{cfg.num_classes - 1}; {cfg.num_classes} is the null class)"
+    parts = []
+    if getattr(cfg, "context_dim", 0):
+        parts.append(f"text tokens ({cfg.context_dim} wide)")
+    if getattr(cfg, "y_dim", 0):
+        parts.append(f"pooled text ({cfg.y_dim} wide)")
+    if getattr(cfg, "guidance_embed", False):
+        parts.append("guidance scale (guidance-distilled)")
+    return ", ".join(parts) or "none"
+
+
+def _prompt_list(prompt: str | list[str] | None) -> list[str]:
+    """The prompts as a list (None: none, as a class-conditional call leaves it out)."""
+    if prompt is None:
+        return []
+    return [prompt] if isinstance(prompt, str) else list(prompt)
 
 
 def build_model_on_meta(cfg) -> torch.nn.Module:

@@ -22,22 +22,27 @@ def expand(v: Tensor, like: Tensor) -> Tensor:
 
 
 class Denoiser:
-    """Wraps a network so every sampler sees the same thing: `denoiser(x, t, **cond) -> x0_hat` (float32)."""
+    """Wraps a network so every sampler sees the same thing: `denoiser(x, t, **cond) -> x0_hat` (float32).
 
-    def __init__(self, net: nn.Module, process: Process, prediction: str = "eps"):
+    `learn_sigma`: the network emits twice the channels, the prediction then a variance (DiT, PixArt-α;
+    Nichol & Dhariwal 2021); only the prediction is used, so every sampler works with such a model."""
+
+    def __init__(self, net: nn.Module, process: Process, prediction: str = "eps", learn_sigma: bool = False):
         self.net = net
         self.process = process
         self.prediction = check_prediction(prediction)
+        self.learn_sigma = learn_sigma
 
     def raw(self, x: Tensor, t, **cond) -> Tensor:
-        """The network's own output at x_t (the quantity trained against `from_x0_eps`)."""
+        """The network's own output at x_t (the quantity trained against `from_x0_eps`), without any variance."""
         t = torch.as_tensor(t, dtype=torch.float64)
         t_batch = t.expand(x.shape[0]) if t.dim() == 0 else t
         scale = expand(self.process.input_scale(t_batch), x).to(x.device)
         dtype = next(self.net.parameters()).dtype
         x_in = (x * scale).to(dtype)
         net_t = self.process.net_time(t_batch).to(device=x.device, dtype=torch.float32)
-        return self.net(x_in, net_t, **cond)
+        out = self.net(x_in, net_t, **cond)
+        return out[:, : out.shape[1] // 2] if self.learn_sigma else out  # [B, C, ...]: the variance half dropped
 
     def x0_and_eps(self, x: Tensor, t, **cond) -> tuple[Tensor, Tensor]:
         """Both estimates at once; coefficients come from float64 and are applied in float32."""

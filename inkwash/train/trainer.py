@@ -46,7 +46,7 @@ from inkwash.formats.checkpoint import (
     unflatten_optimizer_state,
 )
 from inkwash.models.vae import DiagonalGaussian
-from inkwash.pipeline import Pipeline, Sampling, autocast_for, fit_to_encoder, load_vae, text_cond
+from inkwash.pipeline import Pipeline, Sampling, autocast_for, fit_to_encoder, load_vae, size_condition, text_cond
 from inkwash.text import CachedTextEncoder, TextEncoder, TextEncoderConfig, build_text_encoder
 from inkwash.train.ema import EMA
 
@@ -302,6 +302,12 @@ def _model_config(cfg: TrainConfig, encoder: TextEncoder, channels: int):
     mcfg = fit_to_encoder(mcfg, encoder)
     if not hasattr(mcfg, "in_channels"):
         raise UserError(f"Model {cfg.model!r} is not a denoising network (it has no input channels).")
+    if getattr(mcfg, "num_classes", 0):
+        raise UserError(f"Model {cfg.model!r} is class-conditional, and the training data has captions, not class "
+                        "labels; use a text-conditioned config (dit-shapes, or num_classes 0 with y_dim).")  # fmt: skip
+    if getattr(mcfg, "guidance_embed", False):
+        raise UserError(f"Model {cfg.model!r} is guidance-distilled (guidance_embed), which is learnt from a "
+                        "teacher, not from data; train with guidance_embed false.")  # fmt: skip
     return dataclasses.replace(mcfg, in_channels=channels, out_channels=channels)
 
 
@@ -392,7 +398,9 @@ class Trainer:
         self.params = [p for p in params if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=1e-8)
         self.ddp_net, self.ddp_encoder = self._wrap_ddp()
-        self.denoiser = Denoiser(self.ddp_net, self.process, cfg.prediction)
+        # learn_sigma: the loss is on the prediction half only (DiT's L_simple); the variance half is not trained
+        learn_sigma = getattr(self.model_cfg, "learn_sigma", False)
+        self.denoiser = Denoiser(self.ddp_net, self.process, cfg.prediction, learn_sigma)
         self.autocast = autocast_for(cfg.precision, self.device)
 
         if cfg.latent_cache:
@@ -502,6 +510,9 @@ class Trainer:
             cond = text_cond(self.ddp_encoder(captions), self.model_cfg)
         if micro is not None:
             cond["micro"] = micro
+        size_micro = size_condition(self.model_cfg, len(captions), self.cfg.image_size, self.device)
+        if size_micro is not None:  # PixArt-α 1024's (height, width, aspect ratio): every image is square, full size
+            cond["micro"] = size_micro
         with self.autocast():
             loss, t = diffusion_loss(
                 self.denoiser,
