@@ -249,3 +249,19 @@ def test_resume_accepts_a_run_saved_before_newer_options(tmp_path):
         del meta["train_args"][k]  # as written before these options existed
     save_state(tmp_path / "run" / "state.safetensors", groups, meta)
     train(TrainConfig(**{**cfg.__dict__, "steps": 2}), resume=True)
+
+
+def test_init_from_starts_at_the_given_weights_and_refuses_another_network(tmp_path):
+    base = train(tiny(tmp_path / "base", steps=2, ema_decay=0.0))
+    _, base_tensors = load_model_file(base)
+    tr = T.Trainer(tiny(tmp_path / "ft", init_from=str(base), lr=1e-9, ema_decay=0.0))
+    for k, v in strip_prefix(base_tensors, "model").items():  # network and trainable text encoder both start there
+        assert torch.equal(tr.net.state_dict()[k], v), k
+    for k, v in strip_prefix(base_tensors, "text_encoder").items():
+        assert torch.equal(tr.encoder.state_dict()[k], v), k
+    fresh = T.Trainer(tiny(tmp_path / "fresh", ema_decay=0.0))
+    assert not all(torch.equal(fresh.net.state_dict()[k], v) for k, v in strip_prefix(base_tensors, "model").items())
+    with pytest.raises(UserError, match="different network"):
+        T.Trainer(tiny(tmp_path / "x", init_from=str(base), model={**TINY_NET, "model_channels": 24}))
+    with pytest.raises(UserError, match="does not exist"):
+        T.Trainer(tiny(tmp_path / "y", init_from=str(tmp_path / "missing.safetensors")))

@@ -74,6 +74,7 @@ class TrainConfig:
     text_encoder: str | dict = "minilm"  # encoder name or a TextEncoderConfig dict
     dataset: str = "shapes"  # "shapes" or a folder path
     vae: str | None = None  # an autoencoder file (inkwash train-vae): the model then learns in its latent space
+    init_from: str | None = None  # an inkwash model file to start from (fine-tuning): same network, fresh optimizer
     latent_cache: str | None = None  # a folder from `inkwash cache-latents` (made with `vae`) instead of encoding
     micro_augment: dict = field(default_factory=dict)  # SDXL micro-conditioning: {"lowres": p, "min_side": px,
     #   "zoom": p, "max_zoom": z}: low-resolution originals and zoomed crops, told to the network as micro-conditions
@@ -388,6 +389,8 @@ class Trainer:
         self.channels = self.vae.cfg.latent_channels if self.vae is not None else 3
         self.model_cfg = _model_config(cfg, encoder, self.channels)
         self.net: nn.Module = build_model(self.model_cfg)
+        if cfg.init_from:
+            self._init_from(cfg.init_from)
         self.net.to(self.device)
         self.encoder.to(self.device)
         self.ema = EMA(self.net, cfg.ema_decay) if cfg.ema_decay else None
@@ -429,6 +432,24 @@ class Trainer:
         return vae, file_sha256(cfg.vae)
 
     @torch.no_grad()
+    def _init_from(self, path: str) -> None:
+        """Start from another run's weights: the same network (config) in the same space (autoencoder)."""
+        from inkwash.formats.checkpoint import load_exact, load_model_file, strip_prefix
+        from inkwash.models.registry import config_from_dict
+
+        if not Path(path).is_file():
+            raise UserError(f"init_from file {path} does not exist.")
+        meta, tensors = load_model_file(path)
+        if config_from_dict(meta.get("model", {})) != self.model_cfg:
+            raise UserError(f"init_from {path} holds a different network than this run's model; they must match.")
+        if meta.get("vae_sha256") != self.vae_sha256:
+            raise UserError(f"init_from {path} was trained with a different autoencoder (or space) than this run.")
+        if meta.get("text_encoder") != self.text_cfg.to_dict():
+            raise UserError(f"init_from {path} was trained with a different text encoder than this run's.")
+        load_exact(self.net, strip_prefix(tensors, "model"), f"the weights in {path}")
+        if self.trainable_text:
+            load_exact(self.encoder, strip_prefix(tensors, "text_encoder"), f"the text encoder weights in {path}")
+
     def _augment_micro(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """SDXL's micro-conditioning (Podell et al. 2023, 2.2) on our data: with probability `lowres` an image
         is rendered from a smaller original (area-downsampled to r px, upsampled back; original size r), with
