@@ -114,7 +114,7 @@ def _eval(args) -> None:
         sampler=args.sampler, steps=args.steps, guidance=args.guidance, schedule=args.schedule,
         per_prompt=args.per_prompt, tasks=tuple(args.tasks or TASKS), seed=args.seed, limit=args.limit,
         batch_size=args.batch_size, fid_images=args.fid, features=args.features, precision=args.precision,
-        workers=args.workers,
+        workers=args.workers, refiner=args.refiner, handoff=args.handoff,
     )  # fmt: skip
     s = pipe.settings(sampler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance, schedule=cfg.schedule)
     suffix = "" if args.precision == "fp32" else f"-{args.precision}"
@@ -259,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="prompts sampled together")
     e.add_argument("--precision", default="fp32", choices=PRECISIONS, help="network precision (bf16: autocast)")
     e.add_argument("--workers", type=int, default=1, help="sampling processes of one thread each (2 on a 2-core CPU)")
+    e.add_argument("--refiner", default=None, help="a second model file that finishes each image (base + refiner)")
+    e.add_argument("--handoff", type=float, default=0.8, help="with --refiner: the fraction the base denoises")
     e.add_argument("-o", "--output", default=None, help="run folder (default evals/MODEL-SAMPLER-STEPS-gGUIDANCE)")
     e.set_defaults(fn=_eval)
 

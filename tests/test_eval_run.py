@@ -148,3 +148,23 @@ def test_workers_make_the_same_evaluation(lively_model_file, tmp_path):
     assert sorted((tmp_path / "two").glob("samples-w*.jsonl")) != []
     strip = lambda rs: sorted((r["id"], r["k"], r["seed"], r["correct"], json.dumps(r["reading"])) for r in rs)  # noqa: E731
     assert strip(one["samples"]) == strip(two["samples"])
+
+
+def test_eval_with_a_refiner_uses_it_and_records_it(lively_model_file, model_file, tmp_path, capsys):
+    pipe = load(lively_model_file)
+    quick = {**QUICK, "tasks": ("colors",)}
+    base = evaluate(pipe, tmp_path / "base", EvalConfig(**quick), progress=False, report=False)
+    both = evaluate(pipe, tmp_path / "both", EvalConfig(**quick, refiner=str(model_file), handoff=0.5),
+                    progress=False, report=False)  # fmt: skip
+    identity = json.loads((tmp_path / "both" / "identity.json").read_text())
+    assert identity["handoff"] == 0.5 and len(identity["refiner_sha256"]) == 16
+    a = (tmp_path / "base" / "images").glob("*.png")
+    changed = [p.name for p in a if p.read_bytes() != (tmp_path / "both" / "images" / p.name).read_bytes()]
+    assert changed and len(both["samples"]) == len(base["samples"])
+    with pytest.raises(UserError, match="other settings"):  # the same folder with another hand-off
+        evaluate(pipe, tmp_path / "both", EvalConfig(**quick, refiner=str(model_file), handoff=0.7), progress=False)
+    assert main(["eval", str(lively_model_file), "--refiner", str(tmp_path / "nope.safetensors"), "-o",
+                 str(tmp_path / "c")]) == 2  # fmt: skip
+    assert "refiner file" in capsys.readouterr().err.lower()
+    with pytest.raises(UserError, match="handoff"):
+        EvalConfig(handoff=1.5)

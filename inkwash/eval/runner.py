@@ -46,6 +46,8 @@ class EvalConfig:
     fid_images: int = 500  # 0: no FID/KID
     fid_reference: int = 2000
     features: str = "shapes"
+    refiner: str | None = None  # a second model file that finishes each image (SDXL's base + refiner)
+    handoff: float = 0.8  # the fraction of the denoising the base does when there is a refiner
 
     def __post_init__(self):
         if not 1 <= self.per_prompt <= 16:
@@ -54,6 +56,10 @@ class EvalConfig:
             raise UserError(f"workers must be at least 1, got {self.workers}")
         if self.fid_images == 1 or self.fid_images < 0:
             raise UserError(f"FID needs at least 2 images (or 0 for none), got {self.fid_images}")
+        if not 0.0 <= self.handoff <= 1.0:
+            raise UserError(f"handoff is the fraction of denoising the base model does, in [0, 1]; got {self.handoff}")
+        if self.refiner and not Path(self.refiner).is_file():
+            raise UserError(f"refiner file {self.refiner} does not exist")
         self.tasks = tuple(self.tasks)
         load_prompts(self.tasks)  # validates the task names
 
@@ -137,10 +143,18 @@ class _Run:
     progress: bool
     timing: dict = field(default_factory=lambda: {"sampling_s": 0.0, "judge_s": 0.0})
     logged_before: int = 0  # lines in the workers' logs when this run began
+    refiner: object = None
+
+    def __post_init__(self):
+        if self.cfg.refiner and self.refiner is None:
+            from inkwash.pipeline import load
+
+            self.refiner = load(self.cfg.refiner)
 
     def generate(self, prompts: list[str], seeds: list[int]) -> np.ndarray:
         t = time.perf_counter()
-        x = self.pipe.generate(prompts, seed=seeds, precision=self.cfg.precision, **self.sampling)
+        extra = {"refiner": self.refiner, "handoff": self.cfg.handoff} if self.refiner is not None else {}
+        x = self.pipe.generate(prompts, seed=seeds, precision=self.cfg.precision, **self.sampling, **extra)
         self.timing["sampling_s"] += time.perf_counter() - t
         return to_uint8_hwc(x)
 
@@ -269,6 +283,8 @@ def evaluate(pipe, out_dir: str | os.PathLike, cfg: EvalConfig | None = None, *,
     settings["tasks"] = list(settings["tasks"])
     identity = {"benchmark": VERSION, "model_sha256": file_sha256(pipe.source), **sampling, "seed": cfg.seed,
                 "precision": cfg.precision}  # fmt: skip
+    if cfg.refiner:
+        identity |= {"refiner_sha256": file_sha256(cfg.refiner), "handoff": cfg.handoff}
     path = out / "identity.json"  # what fixes every image; tasks, counts and FID options may change
     if path.exists():
         old = json.loads(path.read_text())
