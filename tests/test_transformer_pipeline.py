@@ -178,7 +178,10 @@ def test_class_and_guidance_distilled_configs_are_refused_for_training(tmp_path)
         train(TrainConfig(model=flux, process="flow", prediction="flow", **base))
 
 
-@pytest.mark.parametrize("name", ["dit-shapes-latent", "mmdit-shapes-latent", "pixart-shapes-latent"])
+@pytest.mark.parametrize(
+    "name", ["dit-shapes-latent", "mmdit-shapes-latent", "mmdit-shapes-s-latent", "mmdit-shapes-m-latent",
+             "pixart-shapes-latent"],
+)  # fmt: skip
 def test_transformer_recipes_parse(name):
     d = json.loads((RECIPES / f"{name}.json").read_text())
     cfg = TrainConfig.from_dict(d)
@@ -190,5 +193,6 @@ def test_transformer_recipes_parse(name):
         assert isinstance(process, Flow) and cfg.prediction == "flow" and cfg.time_sampling == "logit_normal"
     else:
         assert isinstance(process, VP) and cfg.prediction == "v"
-    assert cfg.batch_size == 32 and cfg.image_size == 64 and cfg.latent_cache == "runs/cache-shapes-64"
+    unet = TrainConfig.from_dict(json.loads((RECIPES / "compare-latent-64.json").read_text()))  # same data, batch
+    assert (cfg.batch_size, cfg.image_size, cfg.latent_cache) == (unet.batch_size, 64, unet.latent_cache)
     assert cfg.vae == "inkwash/assets/shapes-vae-f4.safetensors" and 3e-4 <= cfg.lr <= 1e-3 and cfg.warmup_steps > 0

@@ -358,6 +358,15 @@ PRESETS: dict[str, MMDiTConfig] = {
     "sd3.5-large": MMDiTConfig(
         hidden_size=2432, num_heads=38, depth=38, depth_single=0, y_dim=2048, axes_dim=(), pos_embed_max_size=192,
     ),
+    # Two smaller sizes beside mmdit-shapes for a scaling curve on Shapes latents (head width 64 throughout).
+    "mmdit-shapes-s": MMDiTConfig(
+        in_channels=4, out_channels=4, hidden_size=128, num_heads=2, depth=2, depth_single=4,
+        context_dim=384, y_dim=384, axes_dim=(16, 24, 24),
+    ),
+    "mmdit-shapes-m": MMDiTConfig(
+        in_channels=4, out_channels=4, hidden_size=192, num_heads=3, depth=3, depth_single=6,
+        context_dim=384, y_dim=384, axes_dim=(16, 24, 24),
+    ),
     "mmdit-tiny": MMDiTConfig(  # tests
         in_channels=4, out_channels=4, hidden_size=32, num_heads=2, depth=1, depth_single=1,
         context_dim=24, y_dim=12, axes_dim=(4, 6, 6),

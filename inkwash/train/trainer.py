@@ -312,6 +312,31 @@ def _model_config(cfg: TrainConfig, encoder: TextEncoder, channels: int):
     return dataclasses.replace(mcfg, in_channels=channels, out_channels=channels)
 
 
+def macs_per_training_image(cfg: TrainConfig) -> int:
+    """Forward multiply-adds of this run's network for one training image (counted on the meta device, with an
+    8-token caption); a training step costs about 3x this per image (forward + backward)."""
+    from inkwash.models.flops import count_flops
+    from inkwash.models.registry import build_model
+    from inkwash.train.vae_trainer import read_vae_meta
+
+    side, channels = cfg.image_size, 3
+    if cfg.vae:
+        vcfg = read_vae_meta(cfg.vae)["vae"]
+        side //= 2 ** (len(vcfg["channels"]) - 1)
+        channels = vcfg["latent_channels"]
+    mcfg = _model_config(cfg, build_text_encoder(_text_config(cfg.text_encoder)), channels)
+    with torch.device("meta"):
+        net = build_model(mcfg)
+        kw = {"x": torch.zeros(1, channels, side, side), "t": torch.zeros(1)}
+        if getattr(mcfg, "context_dim", 0):
+            kw |= {"context": torch.zeros(1, 8, mcfg.context_dim), "context_mask": torch.ones(1, 8, dtype=torch.bool)}
+        if getattr(mcfg, "y_dim", 0):
+            kw["y"] = torch.zeros(1, mcfg.y_dim)
+        if getattr(mcfg, "micro_conditions", 0):
+            kw["micro"] = torch.zeros(1, mcfg.micro_conditions)
+        return count_flops(net, kw)
+
+
 # ---------------------------------------------------------------------------- distributed
 
 
