@@ -1,5 +1,7 @@
 """The spine's small contracts: prediction conversions, grids, losses, guidance."""
 
+import math
+
 import diffusers
 import pytest
 import torch
@@ -92,6 +94,26 @@ def test_time_samplers():
     assert abs(shifted.mean() - 0.5) > 0.1  # shift 3 pushes times toward noise
     with pytest.raises(UserError):
         TimeSampler("sometimes")
+
+
+def test_time_sampling_shift_applies_to_any_method_and_follows_a_dynamic_process():
+    from inkwash.diffusion.process import shift_time
+
+    def draw(sampler, *args):
+        return sampler.draw_u(64, torch.Generator().manual_seed(1), *args)
+
+    plain = draw(TimeSampler("logit_normal"))
+    assert torch.allclose(draw(TimeSampler("logit_normal", shift=3.0)), shift_time(plain, 3.0))
+    flux = Flow(dynamic_shift=True)
+    for tokens in (256, 1024, 4096):  # FLUX's mu: 0.5 at 256 tokens to 1.15 at 4096
+        s = flux.shift_for(tokens)
+        assert torch.allclose(draw(TimeSampler("logit_normal", shift="process"), flux, tokens), shift_time(plain, s))
+    assert flux.shift_for(256) == pytest.approx(math.exp(0.5)) and flux.shift_for(4096) == pytest.approx(math.exp(1.15))
+    assert torch.equal(draw(TimeSampler("logit_normal", shift="process"), VP()), plain)  # VP has no shift
+    with pytest.raises(UserError, match="token count"):
+        draw(TimeSampler(shift="process"), flux)
+    with pytest.raises(UserError, match="positive number"):
+        TimeSampler(shift=-1.0)
 
 
 def test_guidance_is_one_batched_forward_and_matches_diffusers_rescale():

@@ -156,6 +156,8 @@ def test_transformers_train_and_sample(tmp_path, arch, model, process, predictio
         model=model, process=process, prediction=prediction, time_sampling=time_sampling, text_encoder=TINY_TEXT,
         image_size=32, batch_size=2, steps=3, lr=1e-3, warmup_steps=1, output_dir=str(tmp_path / "run"),
         log_every=1, sample_prompts=(), sampling={"sampler": "euler", "steps": 2, "guidance": 2.0}, vae=vae,
+        # FLUX's resolution shift in training needs the token count: the trainer must pass it (else UserError)
+        time_sampling_args={"shift": "process"} if isinstance(process, dict) and process.get("dynamic_shift") else {},
     )  # fmt: skip
     path = train(cfg)
     meta, _ = load_model_file(path)

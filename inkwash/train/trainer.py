@@ -568,6 +568,7 @@ class Trainer:
                 time_sampler=self.time_sampler,
                 min_snr_gamma=self.cfg.min_snr_gamma,
                 offset_noise=self.cfg.offset_noise,
+                seq_len=images.shape[-2] * images.shape[-1] // self.model_cfg.size_multiple**2,
             )
         loss = loss.float()
         # Mean over the global batch: DDP averages gradients over processes, we sum over accumulation.
