@@ -1,4 +1,4 @@
-"""`inkwash generate | train | train-vae | cache-latents | eval | eval-vae | leaderboard | serve | info`.
+"""`inkwash generate | train | distill | train-vae | cache-latents | eval | eval-vae | leaderboard | serve | info`.
 
 A user mistake (UserError) is printed as one sentence on stderr with exit code 2, never a traceback.
 """
@@ -73,6 +73,13 @@ def _train(args) -> None:
 
     cfg = _options(args, "training", ("output_dir", "steps", "eval_every"))
     print(train(TrainConfig.from_dict(cfg), resume=args.resume))
+
+
+def _distill(args) -> None:
+    from .train.distill import DistillConfig, distill
+
+    cfg = _options(args, "distillation", ("output_dir", "steps", "method", "teacher"))
+    print(distill(DistillConfig.from_dict(cfg), resume=args.resume))
 
 
 def _train_vae(args) -> None:
@@ -219,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-every", dest="eval_every", type=int, default=None, metavar="N",
                    help="a quick ShapesEval every N steps, logged to eval.jsonl with the training compute")  # fmt: skip
     t.set_defaults(fn=_train)
+
+    d = _run_parser(sub, "distill", "distil a model to a few steps (LCM, progressive, reflow); resumable",
+                    "inkwash.train.distill.DistillConfig and TrainConfig")  # fmt: skip
+    d.add_argument("--method", default=None, help="lcm, progressive or reflow")
+    d.add_argument("--teacher", default=None, metavar="MODEL_FILE", help="the inkwash model file to distil")
+    d.set_defaults(fn=_distill)
 
     tv = _run_parser(sub, "train-vae", "train a KL autoencoder for latent diffusion (resumable)",
                      "inkwash.train.vae_trainer.VAETrainConfig")  # fmt: skip

@@ -40,6 +40,7 @@ class UNetConfig:
     y_dim: int = 0  # extra conditioning vector added to the time embedding; 0 = none
     micro_conditions: int = 0  # SDXL micro-conditioning: scalars (original size, crop, target size) per image
     micro_embed_dim: int = 256  # Fourier features per scalar; they join y before its MLP (SDXL's "text_time")
+    guidance_embed_dim: int = 0  # LCM: Fourier features of the guidance scale w added to the time embedding; 0 = none
     mid_attention: bool = True  # mid block is ResBlock-transformer-ResBlock; False: one ResBlock (diffusers)
     norm_groups: int = 32
     norm_eps: float = 1e-5
@@ -58,6 +59,11 @@ class UNetConfig:
                 raise ValueError(f"{ch} channels not divisible by norm_groups={self.norm_groups}")
             if ch % self.heads(ch):
                 raise ValueError(f"{ch} channels not divisible into {self.heads(ch)} heads")
+
+    @property
+    def guidance_embed(self) -> bool:
+        """Guidance-distilled (LCM): the scale is a network input and sampling runs no classifier-free guidance."""
+        return self.guidance_embed_dim > 0
 
     @property
     def size_multiple(self) -> int:
@@ -90,9 +96,12 @@ class Level(nn.Module):
         return self.attn[j](h, context, mask) if len(self.attn) else h
 
 
+GUIDANCE_FACTOR = 1000.0  # the guidance scale is embedded as w * this (LCM's guidance_scale_embedding)
+
+
 class UNet(nn.Module):
-    """U-Net: forward(x [B,C,H,W], t [B], context [B,L,D], context_mask [B,L], y [B,y_dim], micro [B,n])
-    -> [B,out,H,W]."""
+    """U-Net: forward(x [B,C,H,W], t [B], context [B,L,D], context_mask [B,L], y [B,y_dim], micro [B,n],
+    guidance [B]) -> [B,out,H,W]."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -108,6 +117,7 @@ class UNet(nn.Module):
         self.time_embed = MLPEmbedder(cfg.model_channels, E)
         y_in = cfg.y_dim + cfg.micro_conditions * cfg.micro_embed_dim
         self.y_embed = MLPEmbedder(y_in, E) if y_in else None
+        self.guidance_in = MLPEmbedder(cfg.guidance_embed_dim, E) if cfg.guidance_embed_dim else None
         self.conv_in = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
 
         skips, ch = [chans[0]], chans[0]  # channels of every skip tensor, in the order they are pushed
@@ -148,10 +158,13 @@ class UNet(nn.Module):
             elif isinstance(m, SpatialTransformer):
                 nn.init.zeros_(m.proj_out.weight), nn.init.zeros_(m.proj_out.bias)
         nn.init.zeros_(self.conv_out.weight), nn.init.zeros_(self.conv_out.bias)
+        if self.guidance_in is not None:  # LCM: a student built from its teacher starts as exactly the teacher
+            nn.init.zeros_(self.guidance_in.fc2.weight), nn.init.zeros_(self.guidance_in.fc2.bias)
 
-    def embed(self, t: torch.Tensor, y: torch.Tensor | None, micro: torch.Tensor | None, dtype) -> torch.Tensor:
+    def embed(self, t: torch.Tensor, y: torch.Tensor | None, micro: torch.Tensor | None, dtype,
+              guidance: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """Time embedding plus the embedding of y and the micro-conditions' Fourier features (concatenated, as
-        SDXL's `text_time`), SiLU applied once here for every ResBlock: -> [B, E]."""
+        SDXL's `text_time`) and of the guidance scale (LCM), SiLU applied once here for every ResBlock: -> [B, E]."""
         cfg = self.cfg
         fourier = {"flip_sin_to_cos": cfg.flip_sin_to_cos, "freq_shift": cfg.freq_shift}
         emb = self.time_embed(timestep_embedding(t, cfg.model_channels, **fourier).to(dtype))  # [B, E]
@@ -168,6 +181,13 @@ class UNet(nn.Module):
             parts.append(feats.reshape(micro.shape[0], -1).to(dtype))
         if parts:
             emb = emb + self.y_embed(torch.cat(parts, dim=-1))
+        if (guidance is None) != (self.guidance_in is None):
+            raise ValueError("this U-Net is guidance-distilled: give guidance [B] (the guidance scale)"
+                             if guidance is None else "this U-Net takes no guidance input")  # fmt: skip
+        if guidance is not None:  # [B] -> [B, E]
+            w = torch.as_tensor(guidance, dtype=torch.float32, device=t.device).expand(t.shape[0])
+            feats = timestep_embedding(w * GUIDANCE_FACTOR, cfg.guidance_embed_dim, **fourier)
+            emb = emb + self.guidance_in(feats.to(dtype))
         return F.silu(emb)
 
     def forward(
@@ -178,9 +198,10 @@ class UNet(nn.Module):
         context_mask: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
         micro: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
     ) -> torch.Tensor:
         t = t.expand(x.shape[0]) if t.dim() == 0 else t  # [B]
-        emb = self.embed(t, y, micro, x.dtype)  # [B, E]
+        emb = self.embed(t, y, micro, x.dtype, guidance)  # [B, E]
         ctx = (context, context_mask)
         h = self.conv_in(x)  # [B, C0, H, W]
         skips = [h]

@@ -412,7 +412,7 @@ class Trainer:
         self.encoder.requires_grad_(self.trainable_text)
         self.vae, self.vae_sha256 = self._load_vae()
         self.channels = self.vae.cfg.latent_channels if self.vae is not None else 3
-        self.model_cfg = _model_config(cfg, encoder, self.channels)
+        self.model_cfg = self.model_config(encoder)
         self.net: nn.Module = build_model(self.model_cfg)
         if cfg.init_from:
             self._init_from(cfg.init_from)
@@ -439,7 +439,11 @@ class Trainer:
         self.step = 0
         self.prefetch: Prefetcher | None = None  # set by the loop when data_workers > 0
 
-    # -- set-up helpers
+    # -- set-up helpers (`model_config` and `loss` are the hooks distillation overrides)
+
+    def model_config(self, encoder: TextEncoder):
+        """The network config of this run (a subclass may build the network it distils into)."""
+        return _model_config(self.cfg, encoder, self.channels)
 
     def _load_vae(self):
         """(the frozen autoencoder, its file hash) for latent training; (None, None) in pixel space."""
@@ -560,16 +564,7 @@ class Trainer:
         if size_micro is not None:  # PixArt-α 1024's (height, width, aspect ratio): every image is square, full size
             cond["micro"] = size_micro
         with self.autocast():
-            loss, t = diffusion_loss(
-                self.denoiser,
-                images,
-                cond,
-                generator=generator_for(self.cfg.seed, "noise", self.step, k),
-                time_sampler=self.time_sampler,
-                min_snr_gamma=self.cfg.min_snr_gamma,
-                offset_noise=self.cfg.offset_noise,
-                seq_len=images.shape[-2] * images.shape[-1] // self.model_cfg.size_multiple**2,
-            )
+            loss, t = self.loss(images, cond, k, captions)
         loss = loss.float()
         # Mean over the global batch: DDP averages gradients over processes, we sum over accumulation.
         (loss.sum() / (self.cfg.batch_size * self.cfg.grad_accum)).backward()
@@ -578,6 +573,20 @@ class Trainer:
         bins[0].index_add_(0, idx, detached)
         bins[1].index_add_(0, idx, torch.ones_like(detached))
         return detached.sum()
+
+    def loss(self, x0: torch.Tensor, cond: dict, k: int, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-sample loss [B], times [B]) of chunk k: the diffusion objective; distillation overrides this.
+        `captions` (after caption dropout) are what `cond` encodes, for a teacher with its own encoder."""
+        return diffusion_loss(
+            self.denoiser,
+            x0,
+            cond,
+            generator=generator_for(self.cfg.seed, "noise", self.step, k),
+            time_sampler=self.time_sampler,
+            min_snr_gamma=self.cfg.min_snr_gamma,
+            offset_noise=self.cfg.offset_noise,
+            seq_len=x0.shape[-2] * x0.shape[-1] // self.model_cfg.size_multiple**2,
+        )
 
     def train_step(self, bins: torch.Tensor) -> float:
         """One optimizer step over the global batch; returns its mean loss. Raises on non-finite numbers."""
