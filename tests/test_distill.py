@@ -49,7 +49,7 @@ def teacher(tmp_path_factory):
 def spec(tmp_path, teacher, method, **kw) -> D.DistillConfig:
     train = dict(batch_size=2, steps=2, log_every=1, lr=1e-3, output_dir=str(tmp_path / "run"), seed=0)
     train |= kw.pop("train", {})
-    opts = dict(method=method, teacher=str(teacher), gate_limit=0, start_steps=4, end_steps=1, pairs=4,
+    opts = dict(method=method, teacher=str(teacher), gate_limit=0, gate_fid=0, start_steps=4, end_steps=1, pairs=4,
                 pair_batch=2, pair_steps=2, ddim_steps=10, guidance_embed_dim=16)  # fmt: skip
     return D.DistillConfig(**{**opts, **kw}, train=train)
 

@@ -96,7 +96,7 @@ class DistillConfig:
     guidance: float | None = None  # the teacher's CFG scale (None: its own default); students run no CFG
     sample_steps: int | None = None  # the student's default steps (None: 4 lcm, end_steps, 2 reflow, 1 one-step)
     gate_limit: int = 4  # prompts per ShapesEval task in the end-of-run gate; 0 = no gate
-    gate_fid: int = 0  # images for the gate's FID (0 = none)
+    gate_fid: int = 200  # images for the gate's FID (0 = none)
     gate_steps: tuple[int, ...] = (1, 2, 4, 8)
     train: dict = field(default_factory=dict)  # TrainConfig options: lr, batch_size, steps, seed, output_dir, ...
 
@@ -222,9 +222,11 @@ class Stage:
 class Distiller(Trainer):
     """A Trainer whose network starts as the teacher's and whose loss is the method's (see the module's doc)."""
 
-    def __init__(self, cfg: TrainConfig, spec: DistillConfig, stage: Stage, pairs: PairStore | None = None):
+    def __init__(self, cfg: TrainConfig, spec: DistillConfig, stage: Stage, pairs: PairStore | None = None,
+                 teacher: Pipeline | None = None):  # fmt: skip
+        """`teacher`: the stage's teacher already loaded (else it is loaded from `stage.teacher`)."""
         self.spec, self.stage = spec, stage
-        self.teacher = load_teacher(stage.teacher)
+        self.teacher = teacher if teacher is not None else load_teacher(stage.teacher)
         super().__init__(cfg)
         self.teacher.to(self.device)
         self.teacher_denoiser = Denoiser(self.teacher.net, self.teacher.process, self.teacher.prediction,
@@ -538,7 +540,8 @@ def distill(spec: DistillConfig, *, resume: bool = False, progress: bool = True)
     """Run every stage of `spec` (resuming exactly with `resume`), write the student as output_dir/model.safetensors
     and run the evaluation gate; returns the student's path."""
     teacher_path = Path(spec.teacher)
-    teacher = load_teacher(teacher_path)  # refuses a missing or foreign file with one sentence
+    device = pick_device(spec.train.get("device", "auto"))
+    teacher = load_teacher(teacher_path, device)  # refuses a missing or foreign file with one sentence
     meta = teacher.meta
     _check_teacher(spec, meta)
     _check_spec(spec, resume)
@@ -551,14 +554,15 @@ def distill(spec: DistillConfig, *, resume: bool = False, progress: bool = True)
             continue
         if stage.kind == "reflow" or (stage.kind == "onestep" and pairs is None):
             pairs = _reflow_pairs(spec, teacher, cfg, stage, progress)
-        tr = Distiller(cfg, spec, stage, pairs if stage.kind in ("reflow", "onestep") else None)
+        loaded = teacher if stage.teacher == teacher_path else None
+        tr = Distiller(cfg, spec, stage, pairs if stage.kind in ("reflow", "onestep") else None, loaded)
         _run(tr, resume=resume and (stage_dir / STATE_FILE).is_file(), max_steps=None)
     final = out / MODEL_FILE
     tmp = out / f".{MODEL_FILE}.tmp"
     shutil.copyfile(Path(cfg.output_dir) / MODEL_FILE, tmp)
     os.replace(tmp, final)
     if spec.gate_limit:
-        gate(final, teacher_path, spec, device=pick_device(cfg.device))
+        gate(final, teacher_path, spec, device=device)
     return final
 
 
