@@ -133,6 +133,17 @@ def test_lcm_fresh_student_is_the_teacher(tmp_path, teacher):
     assert tr.model_cfg.guidance_embed and not tr.teacher.model_cfg.guidance_embed
 
 
+def test_guidance_features_are_diffusers_lcm_embedding():
+    """inkwash's scale w is LCM's w + 1, so a diffusers LCM U-Net's time_cond_proj sees the same features."""
+    from diffusers import LatentConsistencyModelPipeline
+
+    from inkwash.models.unet import guidance_features
+
+    w = torch.tensor([1.0, 2.5, 8.0])
+    theirs = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w - 1, embedding_dim=16)
+    torch.testing.assert_close(guidance_features(w, 16), theirs, atol=1e-4, rtol=0)  # float32 sines of ~7000 rad
+
+
 def _kill_at(monkeypatch, stage: str, step: int):
     real = T.Trainer.train_step
 

@@ -40,7 +40,7 @@ class UNetConfig:
     y_dim: int = 0  # extra conditioning vector added to the time embedding; 0 = none
     micro_conditions: int = 0  # SDXL micro-conditioning: scalars (original size, crop, target size) per image
     micro_embed_dim: int = 256  # Fourier features per scalar; they join y before its MLP (SDXL's "text_time")
-    guidance_embed_dim: int = 0  # LCM: Fourier features of the guidance scale w added to the time embedding; 0 = none
+    guidance_embed_dim: int = 0  # LCM: Fourier features of the guidance scale joining the time's; 0 = none
     mid_attention: bool = True  # mid block is ResBlock-transformer-ResBlock; False: one ResBlock (diffusers)
     norm_groups: int = 32
     norm_eps: float = 1e-5
@@ -96,7 +96,13 @@ class Level(nn.Module):
         return self.attn[j](h, context, mask) if len(self.attn) else h
 
 
-GUIDANCE_FACTOR = 1000.0  # the guidance scale is embedded as w * this (LCM's guidance_scale_embedding)
+GUIDANCE_FACTOR = 1000.0  # LCM embeds (w - 1) * this: diffusers' get_guidance_scale_embedding of its w = scale - 1
+
+
+def guidance_features(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """LCM's guidance-scale Fourier features [B, dim] of inkwash's scale w [B] (u + w (c - u)): diffusers'
+    `get_guidance_scale_embedding(w - 1)`, [sin, cos] with frequencies 10000^(-i / (half - 1))."""
+    return timestep_embedding((w - 1) * GUIDANCE_FACTOR, dim, flip_sin_to_cos=False, freq_shift=1.0)
 
 
 class UNet(nn.Module):
@@ -117,7 +123,9 @@ class UNet(nn.Module):
         self.time_embed = MLPEmbedder(cfg.model_channels, E)
         y_in = cfg.y_dim + cfg.micro_conditions * cfg.micro_embed_dim
         self.y_embed = MLPEmbedder(y_in, E) if y_in else None
-        self.guidance_in = MLPEmbedder(cfg.guidance_embed_dim, E) if cfg.guidance_embed_dim else None
+        # LCM: the guidance features join the time features before the time MLP (diffusers' cond_proj)
+        g_dim = cfg.guidance_embed_dim
+        self.guidance_in = nn.Linear(g_dim, cfg.model_channels, bias=False) if g_dim else None
         self.conv_in = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
 
         skips, ch = [chans[0]], chans[0]  # channels of every skip tensor, in the order they are pushed
@@ -159,7 +167,7 @@ class UNet(nn.Module):
                 nn.init.zeros_(m.proj_out.weight), nn.init.zeros_(m.proj_out.bias)
         nn.init.zeros_(self.conv_out.weight), nn.init.zeros_(self.conv_out.bias)
         if self.guidance_in is not None:  # LCM: a student built from its teacher starts as exactly the teacher
-            nn.init.zeros_(self.guidance_in.fc2.weight), nn.init.zeros_(self.guidance_in.fc2.bias)
+            nn.init.zeros_(self.guidance_in.weight)
 
     def embed(self, t: torch.Tensor, y: torch.Tensor | None, micro: torch.Tensor | None, dtype,
               guidance: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
@@ -167,7 +175,14 @@ class UNet(nn.Module):
         SDXL's `text_time`) and of the guidance scale (LCM), SiLU applied once here for every ResBlock: -> [B, E]."""
         cfg = self.cfg
         fourier = {"flip_sin_to_cos": cfg.flip_sin_to_cos, "freq_shift": cfg.freq_shift}
-        emb = self.time_embed(timestep_embedding(t, cfg.model_channels, **fourier).to(dtype))  # [B, E]
+        if (guidance is None) != (self.guidance_in is None):
+            raise ValueError("this U-Net is guidance-distilled: give guidance [B] (the guidance scale)"
+                             if guidance is None else "this U-Net takes no guidance input")  # fmt: skip
+        feats = timestep_embedding(t, cfg.model_channels, **fourier).to(dtype)  # [B, C]
+        if guidance is not None:  # [B] -> [B, C], added to the time features (LCM; diffusers' time_cond_proj)
+            w = torch.as_tensor(guidance, dtype=torch.float32, device=t.device).expand(t.shape[0])
+            feats = feats + self.guidance_in(guidance_features(w, cfg.guidance_embed_dim).to(dtype))
+        emb = self.time_embed(feats)  # [B, E]
         if (y is None) != (cfg.y_dim == 0):
             raise ValueError(
                 f"this U-Net needs y [B, {cfg.y_dim}]" if cfg.y_dim else "this U-Net has y_dim=0 but was given y"
@@ -181,13 +196,6 @@ class UNet(nn.Module):
             parts.append(feats.reshape(micro.shape[0], -1).to(dtype))
         if parts:
             emb = emb + self.y_embed(torch.cat(parts, dim=-1))
-        if (guidance is None) != (self.guidance_in is None):
-            raise ValueError("this U-Net is guidance-distilled: give guidance [B] (the guidance scale)"
-                             if guidance is None else "this U-Net takes no guidance input")  # fmt: skip
-        if guidance is not None:  # [B] -> [B, E]
-            w = torch.as_tensor(guidance, dtype=torch.float32, device=t.device).expand(t.shape[0])
-            feats = timestep_embedding(w * GUIDANCE_FACTOR, cfg.guidance_embed_dim, **fourier)
-            emb = emb + self.guidance_in(feats.to(dtype))
         return F.silu(emb)
 
     def forward(
