@@ -267,6 +267,8 @@ def test_user_errors(tmp_path, teacher, capsys):
         spec(tmp_path, teacher, "progressive", start_steps=24)
     with pytest.raises(UserError, match="come from the teacher"):
         spec(tmp_path, teacher, "lcm", train={"model": "unet-s"})
+    with pytest.raises(UserError, match="sample_steps"):
+        spec(tmp_path, teacher, "lcm", train={"sampling": {"steps": 2}})
     with pytest.raises(UserError, match="Unknown distillation options"):
         D.DistillConfig.from_dict({"method": "lcm", "teacher": "x", "w_maximum": 3})
     with pytest.raises(UserError, match="deterministic"):

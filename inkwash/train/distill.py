@@ -110,6 +110,8 @@ class DistillConfig:
         taken = sorted(set(self.train) & set(FROM_TEACHER))
         if taken:
             raise UserError(f"Options {taken} come from the teacher's model file and cannot be set for distillation.")
+        if "sampling" in self.train:
+            raise UserError("The student's sampling defaults come from the method; set sample_steps or guidance.")
         if not 0 <= self.w_min <= self.w_max:
             raise UserError(f"LCM guidance range needs 0 <= w_min <= w_max, got {self.w_min} and {self.w_max}.")
         for name in ("ddim_steps", "start_steps", "end_steps", "pairs", "pair_steps", "pair_batch"):
