@@ -12,7 +12,7 @@ import inkwash
 from inkwash.cli import main
 from inkwash.diffusion import VP, Flow, from_x0_eps, to_x0_eps
 from inkwash.errors import UserError
-from inkwash.formats.checkpoint import load_model_file, load_state, read_meta, save_model, strip_prefix
+from inkwash.formats.checkpoint import file_sha256, load_model_file, load_state, read_meta, save_model, strip_prefix
 from inkwash.models.registry import build_model, config_from_dict, config_to_dict, get_preset
 from inkwash.sampling import make_times
 from inkwash.sampling.samplers import ddim, lcm
@@ -193,6 +193,9 @@ def test_distill_resumes_bit_identically_and_writes_a_default_student(tmp_path, 
     if method == "progressive":
         assert [p.name for p in sorted((tmp_path / "a" / "run").glob("stage-*"))] == ["stage-001", "stage-002"]
         assert pipe.prediction == "v"
+        run = tmp_path / "a" / "run"  # each stage's teacher is the previous stage's student
+        assert pipe.meta["distill"]["teacher_sha256"] == file_sha256(run / "stage-002" / "model.safetensors")
+        assert read_meta(run / "stage-002" / "model.safetensors")["distill"]["teacher_guidance"] == 2.0
 
 
 def test_reflow_pairs_are_the_teachers_ode_from_the_stored_noise(tmp_path, teacher):
@@ -284,3 +287,17 @@ def test_user_errors(tmp_path, teacher, capsys):
     assert main(["distill", "--method", "bogus", "--teacher", str(teacher)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("inkwash: error: Unknown distillation method") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("method", list(CASES))
+def test_a_latent_teacher_distils_into_a_latent_student(tmp_path, method):
+    from test_latent import latent_cfg, vae_file  # tests/ is on sys.path under pytest
+
+    latent_teacher = T.train(latent_cfg(tmp_path / "t", vae_file(tmp_path / "vae.safetensors"), steps=1))
+    s = spec(tmp_path, latent_teacher, method, onestep_steps=1, train={"steps": 1})
+    pipe = inkwash.load(D.distill(s, progress=False))
+    assert pipe.vae is not None and pipe.channels == 4 and pipe.meta["model"]["in_channels"] == 4
+    assert pipe.generate("a red circle", seed=0).shape == (1, 3, 32, 32)
+    if method == "reflow":
+        _, groups = load_state(tmp_path / "run" / "pairs" / "pairs-00000.safetensors")
+        assert groups["pairs"]["x0"].shape == (2, 4, 16, 16)  # pairs live in the latent space
