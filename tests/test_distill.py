@@ -193,7 +193,7 @@ def test_distill_resumes_bit_identically_and_writes_a_default_student(tmp_path, 
     if method == "progressive":
         assert [p.name for p in sorted((tmp_path / "a" / "run").glob("stage-*"))] == ["stage-001", "stage-002"]
         assert pipe.prediction == "v"
-        run = tmp_path / "a" / "run"  # each stage's teacher is the previous stage's student
+        run = tmp_path / "b" / "run"  # each stage's teacher is the previous stage's student
         assert pipe.meta["distill"]["teacher_sha256"] == file_sha256(run / "stage-002" / "model.safetensors")
         assert read_meta(run / "stage-002" / "model.safetensors")["distill"]["teacher_guidance"] == 2.0
 
