@@ -88,9 +88,9 @@ def test_boundary_condition_is_the_lcm_samplers():
     x, x0 = torch.randn(1, 3, 4, 4, generator=g), torch.randn(1, 3, 4, 4, generator=g)
     t = torch.tensor([499.0])
     out = lcm(lambda x_, t_: x0, x, torch.tensor([499.0, proc.t_clean], dtype=torch.float64), process=proc)
-    c_skip, c_out = D.boundary(proc, t, x, 10.0)
+    c_skip, c_out = D.boundary(proc, t, x, D.TIMESTEP_SCALING)
     torch.testing.assert_close(out, c_skip * x + c_out * x0)
-    c_skip, c_out = D.boundary(proc, torch.tensor([0.0]), x, 10.0)
+    c_skip, c_out = D.boundary(proc, torch.tensor([0.0]), x, D.TIMESTEP_SCALING)
     assert float(c_skip.flatten()[0]) == 1.0 and float(c_out.flatten()[0]) == 0.0  # identity at timestep 0
 
 

@@ -63,6 +63,7 @@ TRAIN_DEFAULTS = {
 }
 # Options that may change when a distillation is resumed (the gate is run afresh).
 RESUMABLE = frozenset({"gate_limit", "gate_fid", "gate_steps"})
+TIMESTEP_SCALING = 10.0  # LCM's boundary condition sees network time x this: the `lcm` sampler's default
 
 Tensor = torch.Tensor
 
@@ -79,7 +80,6 @@ class DistillConfig:
     ddim_steps: int = 50  # N: the teacher's skipping-step grid, k = n / N timesteps per step ("lcm" grid's 50)
     huber_c: float = 0.001  # pseudo-Huber constant on each element; 0 = L2
     guidance_embed_dim: int = 256  # Fourier features of w for the student; 0 = no embedding, w fixed at `guidance`
-    timestep_scaling: float = 10.0  # LCM's boundary condition on the network time x this (as the lcm sampler)
     # progressive
     start_steps: int = 32  # the first teacher's DDIM steps; each stage halves them
     end_steps: int = 1
@@ -327,7 +327,7 @@ class Distiller(Trainer):
 
     def consistency(self, den: Denoiser, x: Tensor, t: Tensor, cond: dict) -> Tensor:
         """f(x, t) = c_skip x + c_out x0_hat(x, t): the consistency function in x0 space (LCM eq. 9)."""
-        c_skip, c_out = boundary(self.process, t, x, self.spec.timestep_scaling)
+        c_skip, c_out = boundary(self.process, t, x, TIMESTEP_SCALING)
         return c_skip * x + c_out * den(x, t, **cond)
 
     def _lcm_loss(self, x0: Tensor, cond: dict, captions: list[str], g) -> tuple[Tensor, Tensor]:
