@@ -564,7 +564,7 @@ def distill(spec: DistillConfig, *, resume: bool = False, progress: bool = True)
     shutil.copyfile(Path(cfg.output_dir) / MODEL_FILE, tmp)
     os.replace(tmp, final)
     if spec.gate_limit:
-        gate(final, teacher_path, spec, device=device)
+        gate(final, teacher_path, spec, device=device, progress=progress)
     return final
 
 
@@ -587,7 +587,8 @@ def _reflow_pairs(spec: DistillConfig, teacher: Pipeline, cfg: TrainConfig, stag
 # ---------------------------------------------------------------------------- the evaluation gate
 
 
-def gate(student: Path, teacher: Path, spec: DistillConfig, device: torch.device | str = "cpu") -> dict:
+def gate(student: Path, teacher: Path, spec: DistillConfig, device: torch.device | str = "cpu",
+         progress: bool = False) -> dict:  # fmt: skip
     """ShapesEval (gate_limit prompts per task, one image each) and FID (gate_fid images) of the student at each
     of gate_steps next to the teacher at its own setting; written as gate.json and gate.md, printed as a table."""
     from inkwash.eval.runner import EvalConfig, evaluate
@@ -604,7 +605,7 @@ def gate(student: Path, teacher: Path, spec: DistillConfig, device: torch.device
         folder = out / (name if steps is None else f"{name}-{steps}")
         if folder.exists():
             shutil.rmtree(folder)  # a gate always measures the current files
-        result = evaluate(pipe, folder, EvalConfig(steps=steps, **common), progress=False, report=False)
+        result = evaluate(pipe, folder, EvalConfig(steps=steps, **common), progress=progress, report=False)
         rows.append({
             "model": name, "sampler": s.sampler, "steps": s.steps, "schedule": s.schedule, "guidance": s.guidance,
             "scores": {k: v["mean"] for k, v in result["scores"].items()},
