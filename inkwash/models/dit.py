@@ -20,6 +20,7 @@ from inkwash.models.transformer import (
     MLP,
     Attention,
     PatchEmbed,
+    PatchTransformerConfig,
     TimestepEmbedder,
     layer_norm,
     modulate,
@@ -30,7 +31,7 @@ from inkwash.models.transformer import (
 
 
 @dataclass(frozen=True)
-class DiTConfig:
+class DiTConfig(PatchTransformerConfig):
     """Shape of a DiT. Condition by class label (num_classes > 0) or pooled vector (y_dim > 0), not both."""
 
     in_channels: int = 4
@@ -55,19 +56,7 @@ class DiTConfig:
             raise ValueError("DiT has no cross-attention: context_dim must be 0 (use PixArt for text tokens)")
         if self.num_classes and self.y_dim:
             raise ValueError("DiT conditions on a class label or a y vector, not both (num_classes, y_dim)")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} not divisible into {self.num_heads} heads")
-        if self.hidden_size % 4:
-            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by 4 (2D sin-cos positions)")
-
-    @property
-    def size_multiple(self) -> int:
-        """The input's side must be a multiple of this."""
-        return self.patch_size
-
-    @property
-    def output_channels(self) -> int:
-        return self.out_channels * (2 if self.learn_sigma else 1)
+        self.check_widths()
 
 
 class DiTBlock(nn.Module):

@@ -19,11 +19,18 @@ from torch import nn
 
 from inkwash.errors import UserError
 from inkwash.models.layers import MLPEmbedder, attention
-from inkwash.models.transformer import MLP, TimestepEmbedder, modulate, pos_embed_2d, xavier_init
+from inkwash.models.transformer import (
+    MLP,
+    PatchTransformerConfig,
+    TimestepEmbedder,
+    modulate,
+    pos_embed_2d,
+    xavier_init,
+)
 
 
 @dataclass(frozen=True)
-class MMDiTConfig:
+class MMDiTConfig(PatchTransformerConfig):
     """Shape of an MMDiT (defaults: FLUX.1). Latents are packed into patch_size x patch_size patches inside the
     model. With depth_single=0 (SD3) the last double block updates only the image tokens, since nothing reads
     the text tokens after it."""
@@ -64,11 +71,6 @@ class MMDiTConfig:
     @property
     def mlp_hidden(self) -> int:
         return int(self.hidden_size * self.mlp_ratio)
-
-    @property
-    def size_multiple(self) -> int:
-        """The input's side must be a multiple of this (one token per patch)."""
-        return self.patch_size
 
 
 # ---------------------------------------------------------------------------- pieces

@@ -19,6 +19,7 @@ from inkwash.models.transformer import (
     MLP,
     Attention,
     PatchEmbed,
+    PatchTransformerConfig,
     TimestepEmbedder,
     layer_norm,
     modulate,
@@ -29,7 +30,7 @@ from inkwash.models.transformer import (
 
 
 @dataclass(frozen=True)
-class PixArtConfig:
+class PixArtConfig(PatchTransformerConfig):
     """Shape of a PixArt-α transformer. context_dim is the text encoder's token width (T5-XXL: 4096)."""
 
     in_channels: int = 4
@@ -52,21 +53,9 @@ class PixArtConfig:
             raise ValueError("PixArt cross-attends to text tokens: context_dim must be > 0")
         if self.y_dim:
             raise ValueError("PixArt takes no pooled vector: y_dim must be 0")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} not divisible into {self.num_heads} heads")
-        if self.hidden_size % 4:
-            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by 4 (2D sin-cos positions)")
+        self.check_widths()
         if self.size_conditioning and self.hidden_size % 3:
             raise ValueError(f"size conditioning splits hidden_size {self.hidden_size} in thirds")
-
-    @property
-    def size_multiple(self) -> int:
-        """The input's side must be a multiple of this."""
-        return self.patch_size
-
-    @property
-    def output_channels(self) -> int:
-        return self.out_channels * (2 if self.learn_sigma else 1)
 
 
 class PixArtBlock(nn.Module):

@@ -16,6 +16,27 @@ from inkwash.models.layers import MLPEmbedder, attention, timestep_embedding
 TIME_FREQ_DIM = 256  # sinusoidal features of t before the time MLP (DiT's `frequency_embedding_size`)
 
 
+class PatchTransformerConfig:
+    """What every patch transformer's config (DiT, PixArt, MMDiT) shares: its size rule, output width and the
+    width checks. A plain mixin for the frozen dataclasses, which supply the fields it reads."""
+
+    @property
+    def size_multiple(self) -> int:
+        """The input's side must be a multiple of this (one token per patch)."""
+        return self.patch_size
+
+    @property
+    def output_channels(self) -> int:
+        """Channels the network emits: the prediction, then a learned variance when learn_sigma."""
+        return self.out_channels * (2 if getattr(self, "learn_sigma", False) else 1)
+
+    def check_widths(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} not divisible into {self.num_heads} heads")
+        if self.hidden_size % 4:
+            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by 4 (2D sin-cos positions)")
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping p x p patches to tokens by a strided conv: [B, C, H, W] -> [B, (H/p)(W/p), D]."""
 
