@@ -32,10 +32,11 @@ PY = sys.executable
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def plan(recipe: Path, budget_tmac: float, folder: Path) -> dict:
+def plan(recipe: Path, budget_tmac: float, folder: Path, steps: int | None = None) -> dict:
+    """A run of `recipe` spending `budget_tmac` (or exactly `steps` optimizer steps when given)."""
     cfg = TrainConfig.from_dict(json.loads(recipe.read_text()))
     macs = macs_per_training_image(cfg)
-    steps = max(1, int(budget_tmac * 1e12 / (3 * macs * cfg.batch_size * cfg.grad_accum)))
+    steps = steps or max(1, int(budget_tmac * 1e12 / (3 * macs * cfg.batch_size * cfg.grad_accum)))
     return {"name": recipe.stem, "recipe": str(recipe), "model": cfg.model if isinstance(cfg.model, str) else "dict",
             "macs_per_image": macs, "steps": steps, "batch": cfg.batch_size * cfg.grad_accum,
             "out": str(folder / recipe.stem)}  # fmt: skip
@@ -141,7 +142,7 @@ def main() -> None:
     for spec in args.refiner:
         base, recipe, steps = spec.split(":")
         b = by_name[base]
-        rp = {**plan(Path(recipe), 0, folder), "steps": int(steps), "curve": 0}
+        rp = {**plan(Path(recipe), 0, folder, steps=int(steps)), "curve": 0}
         train(rp, ["--set", f"init_from={Path(b['out']) / 'model.safetensors'}"])
         name = f"{base}+{rp['name']}@{args.handoff:g}"
         extra = ["--refiner", str(Path(rp["out"]) / "model.safetensors"), "--handoff", str(args.handoff)]
