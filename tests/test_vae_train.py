@@ -238,7 +238,9 @@ def test_crops_are_on_the_latent_grid_and_cut_from_the_full_images(tmp_path):
         assert hits, "a crop is not a grid-aligned window of its image"
         corners.add(hits[0])
     assert len(corners) > 1  # drawn per image, not one window for the batch
-    train_vae(tiny(tmp_path, crop=16, steps=2), progress=False)  # trains, and the saved VAE is whole-image
+    path = train_vae(tiny(tmp_path, crop=16, steps=2), progress=False)  # trained on crops, used on whole images
+    assert V.read_vae_meta(path)["image_size"] == 32
+    assert load_vae(path).encode_latent(full).shape == (4, 4, 16, 16)
 
 
 def test_mse_term_changes_the_gradient(tmp_path):
