@@ -36,6 +36,10 @@ LAYOUTS = {
         use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=12 + 6 * 8,
     ),
+    "lcm-like": dict(  # an LCM student: guidance-scale Fourier features through time_embedding.cond_proj
+        block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=4, time_cond_proj_dim=16,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    ),
     "deep-no-mid-attn": dict(
         block_out_channels=(32, 32), layers_per_block=1, attention_head_dim=2, transformer_layers_per_block=2,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -66,9 +70,14 @@ def test_outputs_match_diffusers(layout, masked):
     y = torch.randn(2, 12, generator=g) if ours.cfg.y_dim else None
     micro = torch.tensor([[64.0, 48, 0, 8, 32, 32], [1024, 1024, 16, 0, 32, 32]]) if ours.cfg.micro_conditions else None
     extra = {"added_cond_kwargs": {"text_embeds": y, "time_ids": micro}} if micro is not None else {"class_labels": y}
+    w, ours_extra = torch.tensor([1.0, 7.5]), {}
+    if ours.cfg.guidance_embed_dim:  # LCM pipelines pass get_guidance_scale_embedding(w - 1) as timestep_cond
+        lcm = diffusers.LatentConsistencyModelPipeline.get_guidance_scale_embedding
+        extra["timestep_cond"] = lcm(None, w - 1, embedding_dim=ours.cfg.guidance_embed_dim)
+        ours_extra["guidance"] = w
     with torch.no_grad():
         ref = theirs(x, t, ctx, encoder_attention_mask=mask, **extra).sample
-        out = ours(x, t, context=ctx, context_mask=mask, y=y, micro=micro)
+        out = ours(x, t, context=ctx, context_mask=mask, y=y, micro=micro, **ours_extra)
     assert ref.abs().max() > 1e-2  # the comparison means something
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
@@ -77,6 +86,16 @@ def test_outputs_match_diffusers(layout, masked):
 def test_config_round_trip(name):
     cfg = PRESETS[name]
     assert unet_config_from_diffusers(unet_config_to_diffusers(cfg), cfg.micro_conditions or 6) == cfg
+
+
+def test_lcm_student_round_trips_through_diffusers_config():
+    ours, theirs = _pair("lcm-like")
+    assert ours.cfg.guidance_embed_dim == 16 and ours.guidance_in.weight.abs().max() > 0
+    assert unet_config_to_diffusers(ours.cfg)["time_cond_proj_dim"] == 16
+    with torch.no_grad():  # the guidance scale reaches the output through cond_proj
+        x, t, ctx = torch.randn(1, 3, 16, 16), torch.tensor([500.0]), torch.randn(1, 5, 24)
+        a, b = (ours(x, t, context=ctx, guidance=torch.tensor([w])) for w in (2.0, 8.0))
+    assert (a - b).abs().max() > 1e-3
 
 
 def test_micro_conditions_change_the_output():

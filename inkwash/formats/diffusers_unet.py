@@ -31,7 +31,6 @@ _FIXED = {
     "time_embedding_dim": None,
     "time_embedding_act_fn": None,
     "timestep_post_act": None,
-    "time_cond_proj_dim": None,
     "attention_type": "default",
     "class_embeddings_concat": False,
     "mid_block_only_cross_attention": None,
@@ -109,12 +108,14 @@ def unet_config_from_diffusers(config: Mapping, micro_conditions: int = 6) -> UN
         scale_shift=config.get("resnet_time_scale_shift", "default") == "scale_shift",
         flip_sin_to_cos=config.get("flip_sin_to_cos", True),
         freq_shift=config.get("freq_shift", 0),
+        guidance_embed_dim=config.get("time_cond_proj_dim") or 0,  # LCM's guidance-scale embedding
     )
 
 
 # (diffusers pattern, inkwash replacement), applied to the whole key with re.fullmatch.
 _RENAMES = [
     (r"time_embedding\.linear_(\d)\.(\w+)", r"time_embed.fc\1.\2"),
+    (r"time_embedding\.cond_proj\.weight", r"guidance_in.weight"),  # LCM: time_cond_proj_dim
     (r"class_embedding\.linear_(\d)\.(\w+)", r"y_embed.fc\1.\2"),
     (r"add_embedding\.linear_(\d)\.(\w+)", r"y_embed.fc\1.\2"),
     (r"conv_in\.(\w+)", r"conv_in.\1"),
@@ -220,5 +221,6 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
         resnet_time_scale_shift="scale_shift" if cfg.scale_shift else "default",
         flip_sin_to_cos=cfg.flip_sin_to_cos,
         freq_shift=cfg.freq_shift,
+        time_cond_proj_dim=cfg.guidance_embed_dim or None,
         use_linear_projection=True,
     )
