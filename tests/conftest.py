@@ -45,16 +45,25 @@ def lively_model_file(tmp_path_factory):
     return _tiny_model_file(tmp_path_factory.mktemp("m") / "tiny.safetensors", lively=True)
 
 
-def _tiny_model_file(path, lively: bool):
+@pytest.fixture(scope="session")
+def distilled_model_file(tmp_path_factory):
+    """The lively tiny model with LCM's guidance-scale embedding: guidance-distilled (no CFG; the network takes
+    the scale), sampled with the `lcm` sampler in 2 steps by default, as `inkwash distill --method lcm` writes."""
+    sampling = {"sampler": "lcm", "steps": 2, "guidance": 4.0, "schedule": "lcm"}
+    path = tmp_path_factory.mktemp("m") / "tiny-lcm.safetensors"
+    return _tiny_model_file(path, lively=True, guidance_embed_dim=16, sampling=sampling)
+
+
+def _tiny_model_file(path, lively: bool, guidance_embed_dim: int = 0, sampling: dict | None = None):
     torch.manual_seed(0)
     text_cfg = TextEncoderConfig(name="small", dim=32, layers=1, heads=2)
     encoder = build_text_encoder(text_cfg)
-    cfg = dataclasses.replace(get_preset("unet-tiny"), context_dim=encoder.dim)
+    cfg = dataclasses.replace(get_preset("unet-tiny"), context_dim=encoder.dim, guidance_embed_dim=guidance_embed_dim)
     net = build_model(cfg)
     meta = {
         "model": config_to_dict(cfg), "process": VP().to_dict(), "prediction": "x0" if lively else "eps",
         "text_encoder": text_cfg.to_dict(), "image_size": 16, "channels": 3,
-        "sampling": {"sampler": "euler", "steps": 3, "guidance": 2.0, "schedule": None}, "train_args": {},
+        "sampling": sampling or {"sampler": "euler", "steps": 3, "guidance": 2.0, "schedule": None}, "train_args": {},
     }  # fmt: skip
     if lively:
         with torch.no_grad():

@@ -78,6 +78,22 @@ def test_generation_returns_the_single_render_with_its_settings(client, lively_m
         assert img.info["parameters"] == png_parameters("a red circle", "blue", s, 11 + i, 16, "tiny")
 
 
+def test_a_guidance_distilled_model_is_served_without_cfg_and_says_so(distilled_model_file, tmp_path):
+    """An LCM student: its own sampler and steps by default, the scale goes to the network, and the PNG says
+    `CFG scale: 1, Distilled CFG Scale: w` as Forge writes it."""
+    app = create_app(ServeConfig(models=[distilled_model_file], data_dir=tmp_path, limits=Limits(max_size=32)))
+    with TestClient(app) as c:
+        out = c.post("/v1/images/generations", json={"prompt": "a red circle", "seed": 3, "guidance": 6}).json()
+    pipe = Pipeline.from_file(distilled_model_file)
+    assert pipe.guidance_distilled and out["request"]["sampler"] == "lcm" and out["request"]["steps"] == 2
+    img = decode(out["data"][0]["b64_json"])
+    assert "CFG scale: 1, Distilled CFG Scale: 6.0" in img.info["parameters"]
+    want = reference(pipe, out["request"])
+    assert np.abs(np.asarray(img, dtype=int) - want[0].astype(int)).max() <= 2
+    other = to_uint8_hwc(pipe.generate("a red circle", seed=3, guidance=2.0))  # the scale reaches the network
+    assert np.abs(other[0].astype(int) - want[0].astype(int)).max() > 2
+
+
 def test_url_format_serves_the_png(client):
     out = client.post("/v1/images/generations", json={"prompt": "a cross", "response_format": "url"}).json()
     url = out["data"][0]["url"]

@@ -235,7 +235,8 @@ class Service:
             files = []
             for i, img in enumerate(to_pil(images)):
                 seed = r["seed"] + i
-                text = png_parameters(r["prompt"], r["negative_prompt"], s, seed, r["size"], job["model"])
+                text = png_parameters(r["prompt"], r["negative_prompt"], s, seed, r["size"], job["model"],
+                                      distilled=pipe.guidance_distilled)  # fmt: skip
                 img.info["parameters"] = text
                 tmp = save_png(img, folder / f".{i}.tmp.png")
                 os.replace(tmp, folder / f"{i}.png")
