@@ -34,12 +34,13 @@ COLOURS = {"teacher": (0, 0, 0), "lcm": (31, 119, 180), "progressive": (255, 127
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr", "paraphrase")
 
 
-def evaluate(model: Path, steps: int, out: Path, workers: int, fid: int) -> dict:
+def evaluate(model: Path, steps: int, out: Path, workers: int, fid: int, limit: int | None) -> dict:
     """The eval's result.json (running `inkwash eval` first unless it finished before)."""
     result = out / "result.json"
     if not result.exists():
         cmd = [sys.executable, "-m", "inkwash.cli", "eval", str(model), "--steps", str(steps), "--workers",
                str(workers), "--fid", str(fid), "-o", str(out)]  # fmt: skip
+        cmd += ["--limit", str(limit)] if limit else []
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)
     return json.loads(result.read_text())
@@ -134,10 +135,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--fid", type=int, default=500)
+    ap.add_argument("--limit", type=int, default=None, help="only the first N prompts of each task (default: all)")
     ap.add_argument("--plot", type=Path, default=None)
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    teacher = [(n, evaluate(a.teacher, n, a.out / f"teacher-{n}", a.workers, a.fid)) for n in a.teacher_steps]
+    teacher = [(n, evaluate(a.teacher, n, a.out / f"teacher-{n}", a.workers, a.fid, a.limit)) for n in a.teacher_steps]
     macs = teacher[0][1]["model"]["macs_per_step"]
     header = ("| model | sampler | steps | guidance | ShapesEval overall | " + " | ".join(TASKS) +
               " | FID | s/image | distillation compute |")  # fmt: skip
@@ -149,7 +151,7 @@ def main() -> None:
         run = Path(folder)
         cost = costs[name] = distill_cost(run, macs)
         text = f"{cost['tmac']:.1f} T MACs, {cost['steps']} steps × {cost['batch']}, {cost['train_s'] / 60:.0f} min"
-        series[name] = [(n, evaluate(run / "model.safetensors", n, a.out / f"{name}-{n}", a.workers, a.fid))
+        series[name] = [(n, evaluate(run / "model.safetensors", n, a.out / f"{name}-{n}", a.workers, a.fid, a.limit))
                         for n in a.steps]  # fmt: skip
         lines += [row(name, r, n, text) for n, r in series[name]]
     report = "\n".join(lines) + "\n"
