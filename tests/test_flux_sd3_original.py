@@ -1,0 +1,257 @@
+"""Original single-file layouts of FLUX.1 (Black Forest Labs) and SD3 (Stability): tiny random checkpoints in each
+schema, loaded by inkwash and, independently, by diffusers' own single-file converters into
+FluxTransformer2DModel / SD3Transformer2DModel; outputs agree within 1e-5 (fp32). Full-size key lists (fixtures)
+are fully mapped, with the published parameter counts.
+
+The schemas below are written from the published layouts (BFL's `flux/model.py` + `modules/layers.py`,
+Stability's `mmditx.py`), not from inkwash's converter."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from inkwash.errors import UserError
+from inkwash.formats.diffusers_flux import flux_config_to_diffusers, sd3_config_to_diffusers
+from inkwash.formats.flux_original import (
+    flux_config_from_original,
+    flux_from_original,
+    flux_state_dict_from_original,
+    flux_state_dict_to_original,
+    is_flux_original,
+)
+from inkwash.formats.sd3_original import (
+    is_sd3_original,
+    sd3_config_from_original,
+    sd3_from_original,
+    sd3_state_dict_from_original,
+    sd3_state_dict_to_original,
+    split_sd3_file,
+)
+from inkwash.models.mmdit import PRESETS
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY = PRESETS["mmdit-tiny"]  # hidden 32, 2 heads of 16, context 24, pooled 12, axes (4, 6, 6)
+FLUX_TINY = dataclasses.replace(TINY, depth=2, depth_single=2)
+SD3_TINY = dataclasses.replace(TINY, depth=3, depth_single=0, axes_dim=(), pos_embed_max_size=8, qk_norm=False)
+
+
+# ---------------------------------------------------------------------------- the published schemas
+
+
+def _linear(name: str, out: int, inp: int) -> dict[str, tuple[int, ...]]:
+    return {f"{name}.weight": (out, inp), f"{name}.bias": (out,)}
+
+
+def flux_schema(hidden, heads, depth, depth_single, c_in=64, context=4096, y=768, guidance=True, mlp=4.0):
+    """BFL Flux: img_in, time_in/vector_in/guidance_in MLPEmbedders (in_layer, out_layer), txt_in, DoubleStreamBlocks
+    (img_mod.lin, img_attn.qkv/norm.query_norm.scale/norm.key_norm.scale/proj, img_mlp.0/.2, same for txt),
+    SingleStreamBlocks (linear1, linear2, norm.*_norm.scale, modulation.lin), LastLayer (linear, adaLN_modulation.1)."""
+    C, D, M = hidden, hidden // heads, int(hidden * mlp)
+    s = _linear("img_in", C, c_in) | _linear("txt_in", C, context)
+    embedders = [("time_in", 256), ("vector_in", y)] + ([("guidance_in", 256)] if guidance else [])
+    for name, width in embedders:
+        s |= _linear(f"{name}.in_layer", C, width) | _linear(f"{name}.out_layer", C, C)
+    for i in range(depth):
+        for st in ("img", "txt"):
+            b = f"double_blocks.{i}.{st}"
+            s |= _linear(f"{b}_mod.lin", 6 * C, C) | _linear(f"{b}_attn.qkv", 3 * C, C)
+            s |= {f"{b}_attn.norm.query_norm.scale": (D,), f"{b}_attn.norm.key_norm.scale": (D,)}
+            s |= _linear(f"{b}_attn.proj", C, C) | _linear(f"{b}_mlp.0", M, C) | _linear(f"{b}_mlp.2", C, M)
+    for i in range(depth_single):
+        b = f"single_blocks.{i}"
+        s |= _linear(f"{b}.linear1", 3 * C + M, C) | _linear(f"{b}.linear2", C, C + M)
+        s |= {f"{b}.norm.query_norm.scale": (D,), f"{b}.norm.key_norm.scale": (D,)}
+        s |= _linear(f"{b}.modulation.lin", 3 * C, C)
+    return s | _linear("final_layer.linear", c_in, C) | _linear("final_layer.adaLN_modulation.1", 2 * C, C)
+
+
+def sd3_schema(hidden, depth, pos_side, c_in=16, patch=2, context=4096, y=2048, mlp=4.0, qk_norm_dim=0):
+    """Stability MMDiTX: x_embedder.proj (conv), pos_embed [1, S, C], t_embedder.mlp.0/.2, y_embedder.mlp.0/.2,
+    context_embedder, joint_blocks.N.{x_block, context_block} (attn.qkv, attn.proj, attn.ln_q/ln_k with QK-norm,
+    adaLN_modulation.1, mlp.fc1/fc2; the last context block is pre-only: qkv and a 2C modulation), final_layer."""
+    C, M = hidden, int(hidden * mlp)
+    s = {"x_embedder.proj.weight": (C, c_in, patch, patch), "x_embedder.proj.bias": (C,)}
+    s |= {"pos_embed": (1, pos_side * pos_side, C)}
+    s |= _linear("t_embedder.mlp.0", C, 256) | _linear("t_embedder.mlp.2", C, C)
+    s |= _linear("y_embedder.mlp.0", C, y) | _linear("y_embedder.mlp.2", C, C)
+    s |= _linear("context_embedder", C, context)
+    for i in range(depth):
+        for blk in ("x_block", "context_block"):
+            b = f"joint_blocks.{i}.{blk}"
+            pre_only = blk == "context_block" and i == depth - 1
+            s |= _linear(f"{b}.attn.qkv", 3 * C, C) | _linear(f"{b}.adaLN_modulation.1", (2 if pre_only else 6) * C, C)
+            if qk_norm_dim:
+                s |= {f"{b}.attn.ln_q.weight": (qk_norm_dim,), f"{b}.attn.ln_k.weight": (qk_norm_dim,)}
+            if not pre_only:
+                s |= _linear(f"{b}.attn.proj", C, C) | _linear(f"{b}.mlp.fc1", M, C) | _linear(f"{b}.mlp.fc2", C, M)
+    s |= _linear("final_layer.linear", patch * patch * c_in, C)
+    return s | _linear("final_layer.adaLN_modulation.1", 2 * C, C)
+
+
+def _random(schema: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, shape in schema.items():
+        norm = k.endswith(("_norm.scale", "ln_q.weight", "ln_k.weight"))  # RMSNorm scales around 1
+        out[k] = torch.randn(shape, generator=g) * 0.1 + (1.0 if norm else 0.0)
+    return out
+
+
+def _flux_tiny_sd(guidance: bool):
+    c = FLUX_TINY
+    return _random(flux_schema(c.hidden_size, c.num_heads, c.depth, c.depth_single, c_in=c.in_channels * 4,
+                               context=c.context_dim, y=c.y_dim, guidance=guidance))  # fmt: skip
+
+
+def _sd3_tiny_sd(qk_norm: bool):
+    c = SD3_TINY
+    return _random(sd3_schema(c.hidden_size, c.depth, c.pos_embed_max_size, c_in=c.in_channels,
+                              context=c.context_dim, y=c.y_dim, qk_norm_dim=c.head_dim if qk_norm else 0))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- diffusers' converters (the oracle)
+
+
+def _diffusers_flux_converter():
+    """diffusers' FLUX single-file converter, whose single-block split assumes FLUX.1's width (3072): the one
+    constant is read from the checkpoint instead so the same code runs at a tiny width."""
+    sfu = pytest.importorskip("diffusers.loaders.single_file_utils")
+    src = inspect.getsource(sfu.convert_flux_transformer_checkpoint_to_diffusers)
+    assert src.count("inner_dim = 3072") == 1
+    src = src.replace("inner_dim = 3072", 'inner_dim = checkpoint["img_in.weight"].shape[0]')
+    namespace = dict(vars(sfu))
+    exec(compile(src, sfu.__file__, "exec"), namespace)
+    return namespace["convert_flux_transformer_checkpoint_to_diffusers"]
+
+
+def _flux_inputs(cfg, H=8, W=12, L=5, B=2):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, cfg.in_channels, H, W, generator=g)
+    return x, torch.randn(B, L, cfg.context_dim, generator=g), torch.randn(B, cfg.y_dim, generator=g)
+
+
+def _pack(x):  # FluxPipeline._pack_latents
+    B, C, H, W = x.shape
+    return x.view(B, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (H // 2) * (W // 2), C * 4)
+
+
+def _unpack(x, H, W):  # FluxPipeline._unpack_latents, in latent units
+    B, _, C4 = x.shape
+    return x.view(B, H // 2, W // 2, C4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C4 // 4, H, W)
+
+
+def _image_ids(h, w):
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1] += torch.arange(h)[:, None]
+    ids[..., 2] += torch.arange(w)[None, :]
+    return ids.reshape(h * w, 3)
+
+
+@pytest.mark.parametrize("guidance,prefix", [(True, ""), (False, "model.diffusion_model.")])
+def test_flux_original_matches_diffusers_single_file(guidance, prefix):
+    diffusers = pytest.importorskip("diffusers")
+    sd = {prefix + k: v for k, v in _flux_tiny_sd(guidance).items()}
+    assert is_flux_original(sd.keys()) and not is_sd3_original(sd.keys())
+    ours = flux_from_original(dict(sd), axes_dim=FLUX_TINY.axes_dim).eval()
+    assert ours.cfg == dataclasses.replace(FLUX_TINY, guidance_embed=guidance)
+    theirs = diffusers.FluxTransformer2DModel(**flux_config_to_diffusers(ours.cfg)).eval()
+    converted = _diffusers_flux_converter()(dict(sd))
+    theirs.load_state_dict(converted, strict=True)
+
+    x, ctx, y = _flux_inputs(ours.cfg)
+    H, W = x.shape[-2:]
+    t, g = torch.tensor([125.0, 875.0]), torch.tensor([3.5, 1.0])
+    with torch.no_grad():
+        ref = theirs(_pack(x), ctx, y, t / 1000, img_ids=_image_ids(H // 2, W // 2), txt_ids=torch.zeros(5, 3),
+                     guidance=g if guidance else None).sample  # fmt: skip
+        ref = _unpack(ref, H, W)
+        out = ours(x, t, context=ctx, y=y, guidance=g if guidance else None)
+    assert ref.abs().max() > 1e-2
+    diff = (out - ref).abs().max().item()
+    print(f"FLUX original guidance={guidance}: max abs diff {diff:.3g}")
+    assert diff < 1e-5
+    back = flux_state_dict_to_original(ours.state_dict(), ours.cfg)  # and back, bit for bit
+    bare = {k[len(prefix) :]: v for k, v in sd.items()}
+    assert back.keys() == bare.keys() and all(torch.equal(back[k], bare[k]) for k in bare)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_sd3_original_matches_diffusers_single_file(qk_norm):
+    diffusers = pytest.importorskip("diffusers")
+    sfu = pytest.importorskip("diffusers.loaders.single_file_utils")
+    sd = {"model.diffusion_model." + k: v for k, v in _sd3_tiny_sd(qk_norm).items()}
+    assert is_sd3_original(sd.keys()) and not is_flux_original(sd.keys())
+    heads = None if qk_norm else SD3_TINY.num_heads  # without QK-norm scales the head count is not in the file
+    ours = sd3_from_original(dict(sd), num_heads=heads).eval()
+    assert ours.cfg == dataclasses.replace(SD3_TINY, qk_norm=qk_norm)
+    theirs = diffusers.SD3Transformer2DModel(**sd3_config_to_diffusers(ours.cfg, sample_size=8)).eval()
+    theirs.load_state_dict(sfu.convert_sd3_transformer_checkpoint_to_diffusers(dict(sd)), strict=True)
+
+    x, ctx, y = _flux_inputs(ours.cfg, H=8, W=12)
+    t = torch.tensor([3.5, 871.0])
+    with torch.no_grad():
+        ref = theirs(x, ctx, y, t).sample
+        out = ours(x, t, context=ctx, y=y)
+    assert ref.abs().max() > 1e-2
+    diff = (out - ref).abs().max().item()
+    print(f"SD3 original qk_norm={qk_norm}: max abs diff {diff:.3g}")
+    assert diff < 1e-5
+    back = sd3_state_dict_to_original(ours.state_dict(), ours.cfg)
+    bare = _sd3_tiny_sd(qk_norm)
+    assert back.keys() == bare.keys() and all(torch.equal(back[k], bare[k]) for k in bare)
+
+
+def test_unmatched_and_missing_keys_are_listed_in_one_error():
+    sd = _flux_tiny_sd(True)
+    sd["double_blocks.0.img_attn.lora_up.weight"] = torch.zeros(1)
+    del sd["single_blocks.1.linear2.bias"]
+    cfg = flux_config_from_original(sd, axes_dim=FLUX_TINY.axes_dim)
+    with pytest.raises(UserError, match=r"unmatched keys \['double_blocks\.0\.img_attn\.lora_up\.weight'\].*"
+                                        r"missing keys \['single_blocks\.1\.linear2\.bias'\]"):  # fmt: skip
+        flux_state_dict_from_original(sd, cfg)
+    sd3 = _sd3_tiny_sd(False)
+    sd3["joint_blocks.0.x_block.attn2.qkv.weight"] = torch.zeros(1)  # SD3.5 Medium's extra attention
+    with pytest.raises(UserError, match=r"unmatched keys \['joint_blocks\.0\.x_block\.attn2\.qkv\.weight'\]"):
+        sd3_state_dict_from_original(sd3, sd3_config_from_original(sd3, num_heads=2))
+    with pytest.raises(UserError, match="give axes_dim"):
+        flux_config_from_original(_flux_tiny_sd(False))
+    with pytest.raises(UserError, match="no 'img_in.weight'"):
+        flux_from_original({"foo": torch.zeros(1)})
+
+
+def test_sd3_file_is_split_into_parts_and_stray_keys_are_refused():
+    sd = {"model.diffusion_model.pos_embed": torch.zeros(1), "first_stage_model.decoder.conv_in.weight": torch.zeros(1)}
+    sd |= {"text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": torch.zeros(1)}
+    parts = split_sd3_file(sd)
+    assert parts.keys() == {"transformer", "vae", "clip_l"}
+    assert list(parts["clip_l"]) == ["text_model.final_layer_norm.weight"]
+    with pytest.raises(UserError, match=r"no known prefix \['cond_stage_model\.x'\]"):
+        split_sd3_file(sd | {"cond_stage_model.x": torch.zeros(1)})
+
+
+# ---------------------------------------------------------------------------- full size, on the meta device
+
+
+def _fixture(name: str) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v) for k, v in json.loads((FIXTURES / f"{name}-original-keys.json").read_text()).items()}
+
+
+@pytest.mark.parametrize("name,tensors,count", [("flux-dev", 780, 11_901_408_320), ("sd3-medium", 491, 2_028_328_000)])
+def test_full_size_key_lists_are_fully_mapped(name, tensors, count):
+    keys = _fixture(name)
+    schema = flux_schema(3072, 24, 19, 38) if name == "flux-dev" else sd3_schema(1536, 24, 192)
+    assert keys == schema and len(keys) == tensors  # the fixture is the published layout written out
+    table = keys.pop("pos_embed", None)  # SD3's fixed position table is a buffer, not a parameter
+    assert sum(torch.Size(s).numel() for s in keys.values()) == count  # the published parameter count
+    sd = {k: torch.empty(s, device="meta") for k, s in keys.items()}
+    if table is not None:
+        sd["pos_embed"] = torch.empty(table, device="meta")
+    model = flux_from_original(sd) if name == "flux-dev" else sd3_from_original(sd)
+    assert model.cfg == PRESETS[name]
+    assert sum(p.numel() for p in model.parameters()) == count
