@@ -224,3 +224,40 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
         time_cond_proj_dim=cfg.guidance_embed_dim or None,
         use_linear_projection=True,
     )
+
+
+# (inkwash pattern, diffusers replacement) for the way out; fused projections are split separately.
+_BACK = [
+    (r"^time_embed\.fc(\d)\.", r"time_embedding.linear_\1."),
+    (r"^norm_out\.", "conv_norm_out."),
+    (r"^(down|up)\.(\d+)\.res\.(\d+)\.", r"\1_blocks.\2.resnets.\3."),
+    (r"^(down|up)\.(\d+)\.attn\.(\d+)\.", r"\1_blocks.\2.attentions.\3."),
+    (r"^down\.(\d+)\.resample\.conv\.", r"down_blocks.\1.downsamplers.0.conv."),
+    (r"^up\.(\d+)\.resample\.conv\.", r"up_blocks.\1.upsamplers.0.conv."),
+    (r"^mid\.res\.(\d)\.", r"mid_block.resnets.\1."),
+    (r"^mid_attn\.", "mid_block.attentions.0."),
+    (r"(resnets\.\d+)\.emb_proj\.", r"\1.time_emb_proj."),
+    (r"(resnets\.\d+)\.skip\.", r"\1.conv_shortcut."),
+    (r"\.blocks\.(\d+)\.", r".transformer_blocks.\1."),
+    (r"\.attn(\d)\.out\.", r".attn\1.to_out.0."),
+    (r"\.ff\.proj\.", ".ff.net.0.proj."),
+    (r"\.ff\.out\.", ".ff.net.2."),
+]
+
+
+def unet_state_dict_to_diffusers(sd: Mapping[str, torch.Tensor], cfg: UNetConfig) -> dict[str, torch.Tensor]:
+    """Inverse of unet_state_dict_from_diffusers: our UNet state dict -> UNet2DConditionModel keys for the config
+    `unet_config_to_diffusers(cfg)` gives (linear projections in the spatial transformers)."""
+    y_embed = "add_embedding" if cfg.micro_conditions else "class_embedding"
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        new = re.sub(r"^y_embed\.fc(\d)\.", rf"{y_embed}.linear_\1.", key)
+        for pattern, repl in _BACK:
+            new = re.sub(pattern, repl, new)
+        fused = re.fullmatch(r"(.+\.)(attn\d)\.(qkv|q|kv)\.weight", new)
+        if fused:  # "qkv" -> to_q, to_k, to_v; "kv" -> to_k, to_v
+            for n, piece in zip(fused[3], value.chunk(len(fused[3]), dim=0)):
+                out[f"{fused[1]}{fused[2]}.to_{n}.weight"] = piece.contiguous()
+        else:
+            out[new] = value
+    return out
