@@ -17,6 +17,8 @@ def _generate(args) -> None:
     from .pipeline import load, save_png
 
     pipe = load(args.model)
+    for spec in args.lora or []:
+        print(pipe.add_lora(*_lora_spec(spec)).summary(), file=sys.stderr)
     refiner = load(args.refiner) if args.refiner else None
     images = pipe(
         args.prompt, negative_prompt=args.negative, n=args.n, seed=args.seed, size=args.size,
@@ -27,6 +29,15 @@ def _generate(args) -> None:
     for i, img in enumerate(images):
         path = out if (len(images) == 1 and out.suffix == ".png") else _numbered(out, args.seed + i)
         print(save_png(img, path))
+
+
+def _lora_spec(spec: str) -> tuple[str, float]:
+    """FILE or FILE:SCALE -> (file, scale)."""
+    path, _, scale = spec.rpartition(":")
+    try:
+        return (path, float(scale)) if path else (spec, 1.0)
+    except ValueError:
+        return spec, 1.0
 
 
 def _numbered(out: Path, seed: int) -> Path:
@@ -219,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", default="fp32", choices=PRECISIONS, help="network precision (bf16: autocast)")
     g.add_argument("--refiner", default=None, help="a second model file that finishes the denoising (SDXL refiner)")
     g.add_argument("--handoff", type=float, default=0.8, help="fraction of the denoising the base model does")
+    g.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="merge a LoRA (kohya or diffusers/PEFT "
+                   "safetensors) into the model, times SCALE (default 1); repeatable")  # fmt: skip
     g.add_argument("-o", "--output", default="out", help="a .png path, or a folder for numbered images")
     g.set_defaults(fn=_generate)
 

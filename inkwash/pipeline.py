@@ -271,6 +271,16 @@ class Pipeline:
             channels=cfg.in_channels, name=name,
         )  # fmt: skip
 
+    def add_lora(self, path: str | os.PathLike, scale: float = 1.0):
+        """Merge a LoRA file (kohya or diffusers / PEFT) into the network and the text encoders, times `scale`;
+        returns it (`.report()` says what it modified, `.unmerge()` takes it out again)."""
+        from inkwash.formats.lora import load_lora
+
+        encoders = getattr(self.encoder, "encoders", [self.encoder])  # two or more combined: text_encoder, _2, ...
+        hf = [getattr(e, "model", None) for e in encoders]
+        parts = {f"text_encoder{'' if i == 0 else f'_{i + 1}'}": m for i, m in enumerate(hf) if m is not None}
+        return load_lora(path, {"net": self.net, **parts}).merge(scale)
+
     def to(self, device: str | torch.device) -> Pipeline:
         self.device = torch.device(device)
         self.net.to(self.device)

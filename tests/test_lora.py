@@ -275,3 +275,53 @@ def _save_simple(tmp_path, module):
     path = tmp_path / "one.safetensors"
     save_file({f"{module}.lora_A.weight": torch.ones(2, 64), f"{module}.lora_B.weight": torch.ones(64, 2)}, path)
     return path
+
+
+# ---------------------------------------------------------------------------- the CLI
+
+
+def test_generate_with_lora_files_and_scales(lively_model_file, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from inkwash.cli import main
+    from inkwash.pipeline import load
+
+    net = load(lively_model_file).net
+    g = torch.Generator().manual_seed(0)
+    kohya = {}
+    for name, p in net.named_parameters():  # the tiny U-Net's self-attention values, in sd-scripts' naming
+        if name.endswith("attn1.qkv.weight") and not name.startswith("mid"):
+            stem = (
+                "lora_unet_"
+                + name.replace("down.", "down_blocks.")
+                .replace("up.", "up_blocks.")
+                .replace(".attn.", ".attentions.")
+                .replace(".blocks.", ".transformer_blocks.")[: -len(".qkv.weight")]
+            )
+            stem = stem.replace(".", "_") + "_to_v"
+            c = p.shape[1]
+            kohya |= {f"{stem}.lora_down.weight": torch.randn(2, c, generator=g),
+                      f"{stem}.lora_up.weight": torch.randn(c, 2, generator=g)}  # fmt: skip
+    assert kohya
+    save_file(kohya, tmp_path / "style.safetensors")
+    base = ["generate", "a red circle", "--model", str(lively_model_file), "--steps", "2"]
+
+    def image(*extra):
+        out = tmp_path / f"img{len(list(tmp_path.iterdir()))}.png"
+        code = main([*base, "-o", str(out), *extra])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        return torch.from_numpy(np.array(Image.open(out))).float(), captured.err
+
+    plain, _ = image()
+    zero, _ = image("--lora", f"{tmp_path / 'style.safetensors'}:0")
+    styled, err = image("--lora", str(tmp_path / "style.safetensors"), "--lora", f"{tmp_path / 'style.safetensors'}:-1")
+    assert torch.equal(plain, zero)
+    assert (styled - plain).abs().max() <= 1  # +1 then -1: the same weights again, to float rounding
+    strong, err = image("--lora", f"{tmp_path / 'style.safetensors'}:2.5")
+    assert (strong - plain).abs().max() > 10 and f"{len(kohya) // 2} layers matched" in err
+    save_file({"lora_unet_nowhere.lora_down.weight": torch.zeros(1, 1),
+               "lora_unet_nowhere.lora_up.weight": torch.zeros(1, 1)}, tmp_path / "bad.safetensors")  # fmt: skip
+    assert main([*base, "--lora", str(tmp_path / "bad.safetensors")]) == 2
+    assert "1 LoRA keys match nothing in this model: ['lora_unet_nowhere']" in capsys.readouterr().err
