@@ -1,4 +1,5 @@
-"""`inkwash generate | train | distill | train-vae | cache-latents | eval | eval-vae | leaderboard | serve | info`.
+"""`inkwash generate | train | distill | train-vae | cache-latents | eval | eval-vae | leaderboard | serve | info |
+export-diffusers`.
 
 A user mistake (UserError) is printed as one sentence on stderr with exit code 2, never a traceback.
 """
@@ -29,6 +30,14 @@ def _generate(args) -> None:
     for i, img in enumerate(images):
         path = out if (len(images) == 1 and out.suffix == ".png") else _numbered(out, args.seed + i)
         print(save_png(img, path))
+
+
+def _export_diffusers(args) -> None:
+    from .formats.export import export_diffusers
+
+    index = export_diffusers(args.model, args.output)
+    parts = ", ".join(f"{k} ({v[1]})" for k, v in index.items() if isinstance(v, list) and v[0])
+    print(f"{args.output}: {index['_class_name']}" + (f" with {parts}" if parts else ""))
 
 
 def _lora_spec(spec: str) -> tuple[str, float]:
@@ -316,6 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--device", default="cpu")
     sv.add_argument("--arena", default=None, help='a JSON list of contestants {"name", "model", "settings"}')
     sv.set_defaults(fn=_serve)
+
+    ex = sub.add_parser("export-diffusers", help="write a model file as a diffusers folder (from_pretrained)")
+    ex.add_argument("model", help="an inkwash model file or autoencoder file")
+    ex.add_argument("-o", "--output", required=True, help="the folder to write (must not exist or be empty)")
+    ex.set_defaults(fn=_export_diffusers)
 
     i = sub.add_parser("info", help="print a model's config, parameter count and MACs per step")
     i.add_argument("model", nargs="?", default=None, help="a model file or a preset name (e.g. dit-xl2, flux-dev)")
