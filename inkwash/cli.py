@@ -17,10 +17,11 @@ from .errors import UserError
 def _generate(args) -> None:
     from .pipeline import load, save_png
 
-    pipe = load(args.model)
+    opts = {"tokenizer": args.tokenizer, "prediction": args.prediction}
+    pipe = load(args.model, **opts)
     for spec in args.lora or []:
         print(pipe.add_lora(*_lora_spec(spec)).summary(), file=sys.stderr)
-    refiner = load(args.refiner) if args.refiner else None
+    refiner = load(args.refiner, **opts) if args.refiner else None
     images = pipe(
         args.prompt, negative_prompt=args.negative, n=args.n, seed=args.seed, size=args.size,
         steps=args.steps, sampler=args.sampler, schedule=args.schedule, guidance=args.guidance, rescale=args.rescale,
@@ -225,7 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="?", default=None, help="what to draw (not for class-conditional models)")
     g.add_argument("--class-label", dest="class_label", type=int, default=None, metavar="N",
                    help="a class-conditional model's class (ImageNet DiT: 0..999); CFG: the null class")  # fmt: skip
-    g.add_argument("--model", default=None, help="an inkwash model file (default: the bundled Shapes model)")
+    g.add_argument("--model", default=None, help="an inkwash model file, a Stable Diffusion 1.x/2.x/SDXL .safetensors "
+                   "single file or a diffusers folder (default: the bundled Shapes model)")  # fmt: skip
+    g.add_argument("--tokenizer", default=None, metavar="FOLDER", help="for a single file: the CLIP tokenizer "
+                   "folder (vocab.json, merges.txt); default $INKWASH_CLIP_TOKENIZER, else tokenizer/ beside "
+                   "it")  # fmt: skip
+    g.add_argument("--prediction", default=None, choices=("eps", "v"), help="for a single file: what the "
+                   "network predicts, where the family's default is wrong (SD 2.x: v; its 512 px bases: "
+                   "eps)")  # fmt: skip
     g.add_argument("--negative", default="", help="negative prompt")
     g.add_argument("--steps", type=int, default=None)
     g.add_argument("--sampler", default=None, help=f"one of: {', '.join(SAMPLERS)}")
@@ -237,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
     g.add_argument("-n", type=int, default=1, help="images per prompt")
     g.add_argument("--precision", default="fp32", choices=PRECISIONS, help="network precision (bf16: autocast)")
-    g.add_argument("--refiner", default=None, help="a second model file that finishes the denoising (SDXL refiner)")
+    g.add_argument("--refiner", default=None, help="a second model (file or folder) that finishes the denoising "
+                   "(SDXL refiner)")  # fmt: skip
     g.add_argument("--handoff", type=float, default=0.8, help="fraction of the denoising the base model does")
     g.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="merge a LoRA (kohya or diffusers/PEFT "
                    "safetensors) into the model, times SCALE (default 1); repeatable")  # fmt: skip

@@ -1,7 +1,8 @@
 """prompt -> text encoder -> sampler(guided denoiser) -> images + metadata.
 
 The one place that turns a model file (or preset) into images; the CLI, the trainer's sample grids
-and the Python API (`inkwash.load`) all call it. Knows no file layouts beyond `formats.checkpoint`.
+and the Python API (`inkwash.load`) all call it. Knows no file layouts: `formats.checkpoint` reads inkwash files,
+`formats.single_file` everything else.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from PIL import Image, PngImagePlugin
 from .data.base import to_uint8_hwc
 from .diffusion import Denoiser, Flow, Process, process_from_dict
 from .errors import UserError
+from .formats import single_file
 from .formats.checkpoint import load_exact, load_model_file, strip_prefix
+from .formats.single_file import is_inkwash_file
 from .models.registry import build_model, config_from_dict, config_to_dict, get_preset
 from .sampling import SAMPLERS, Guided, get_sampler, make_times
 from .text import TextEncoderConfig, build_text_encoder
-from .text.base import TextEncoder
+from .text.base import TextEmbedding, TextEncoder
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLED = ASSETS / "shapes-unet.safetensors"
@@ -81,15 +84,24 @@ def text_cond(emb, model_cfg) -> dict[str, torch.Tensor]:
 
 
 MICRO_CONDITIONS = ("original height", "original width", "crop top", "crop left", "target height", "target width")
+REFINER_CONDITIONS = ("original height", "original width", "crop top", "crop left", "aesthetic score")
+AESTHETIC_SCORE = (6.0, 2.5)  # SDXL refiner: the score asked of the conditional and the unconditional half (diffusers)
 
 
-def micro_conditions(model_cfg, b: int, size: int, original: int, crop: tuple[int, int], device=None) -> torch.Tensor:
-    """SDXL's six micro-conditions per image, [b, 6]: (original h, w, crop top, left, target h, w) in pixels."""
+def micro_conditions(model_cfg, b: int, size: int, original: int, crop: tuple[int, int], device=None,
+                     negative: bool = False) -> torch.Tensor:  # fmt: skip
+    """SDXL's micro-conditions per image in pixels: the base's six, [b, 6] = (original h, w, crop top, left,
+    target h, w), or the refiner's five, [b, 5] = (original h, w, crop top, left, aesthetic score), the score
+    6 for the conditional half and 2.5 for the unconditional (`negative`) one, as diffusers asks."""
     n = getattr(model_cfg, "micro_conditions", 0)
-    if n != len(MICRO_CONDITIONS):
-        raise UserError(f"this network takes {n} micro-conditions; inkwash supplies "
-                        f"SDXL's {len(MICRO_CONDITIONS)}: {', '.join(MICRO_CONDITIONS)}")  # fmt: skip
-    row = [original, original, crop[0], crop[1], size, size]
+    if n == len(MICRO_CONDITIONS):
+        row = [original, original, crop[0], crop[1], size, size]
+    elif n == len(REFINER_CONDITIONS):
+        row = [original, original, crop[0], crop[1], AESTHETIC_SCORE[1 if negative else 0]]
+    else:
+        raise UserError(f"this network takes {n} micro-conditions; inkwash supplies SDXL's "
+                        f"{len(MICRO_CONDITIONS)} ({', '.join(MICRO_CONDITIONS)}) or its refiner's "
+                        f"{len(REFINER_CONDITIONS)} ({', '.join(REFINER_CONDITIONS)})")  # fmt: skip
     return torch.tensor([row] * b, dtype=torch.float32, device=device)
 
 
@@ -234,14 +246,21 @@ class Pipeline:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     source: str = ""  # the file it was loaded from
     vae: Any = None  # latent models: the autoencoder; `channels` are then its latent channels
+    zero_empty_negative: bool = False  # SDXL base: no negative prompt -> zero text features (diffusers' default)
 
     # --- construction ---------------------------------------------------------------------------
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Pipeline:
+    def from_file(cls, path: str | os.PathLike, device: str | torch.device = "cpu", *,
+                  tokenizer: str | os.PathLike | None = None, prediction: str | None = None) -> Pipeline:  # fmt: skip
+        """An inkwash model file, or a checkpoint made elsewhere (a Stable Diffusion / SDXL single file, a diffusers
+        folder: see `formats.single_file`). `tokenizer` (a folder with vocab.json and merges.txt) and `prediction`
+        are for single files, which carry neither."""
         path = Path(path)
         if not path.exists():
             raise UserError(f"model file {path} does not exist")
+        if path.is_dir() or not is_inkwash_file(path):
+            return cls.from_loaded(single_file.load(path, single_file.Options(tokenizer, prediction)), path, device)
         meta, tensors = load_model_file(path)
         try:
             model_cfg = config_from_dict(meta["model"])
@@ -259,6 +278,16 @@ class Pipeline:
         return cls(
             net.eval(), model_cfg, process, prediction, encoder.eval(), size, int(meta.get("channels", 3)),
             Sampling.from_dict(meta.get("sampling", {})), path.stem, meta, source=str(path), vae=vae,
+        ).to(device)  # fmt: skip
+
+    @classmethod
+    def from_loaded(cls, c: single_file.Loaded, path: Path, device: str | torch.device = "cpu") -> Pipeline:
+        """A Pipeline around the parts of a checkpoint made elsewhere."""
+        return cls(
+            c.net.eval(), c.model_cfg, c.process, c.prediction, c.encoder.eval(), c.image_size,
+            c.vae.cfg.latent_channels if c.vae is not None else c.model_cfg.in_channels, Sampling.from_dict(c.sampling),
+            path.stem if path.is_file() else path.name, c.meta, source=str(path), vae=c.vae,
+            zero_empty_negative=c.zero_empty_negative,
         ).to(device)  # fmt: skip
 
     @classmethod
@@ -351,8 +380,13 @@ class Pipeline:
             cond = {"y": class_labels(self.model_cfg, labels, self.device)}
             uncond = {"y": torch.full((b,), self.num_classes, dtype=torch.long, device=self.device)}  # null class
         else:
-            cond = text_cond(self.encoder(prompts), self.model_cfg)
-            uncond = text_cond(self.encoder([negative_prompt] * b), self.model_cfg) if cfg_guided else None
+            emb = self.encoder(prompts)
+            cond = text_cond(emb, self.model_cfg)
+            uncond = None
+            if cfg_guided and self.zero_empty_negative and not negative_prompt:  # SDXL: zeros, not the encoded ""
+                uncond = text_cond(TextEmbedding(emb.tokens * 0, emb.mask, emb.pooled * 0), self.model_cfg)
+            elif cfg_guided:
+                uncond = text_cond(self.encoder([negative_prompt] * b), self.model_cfg)
         extra = {}  # conditions shared by both halves of the guided batch
         micro = size_condition(self.model_cfg, b, size, self.device)
         if micro is not None:
@@ -423,10 +457,10 @@ class Pipeline:
             raise UserError(f"{len(seeds)} seeds given for {b} images")
         cond, uncond = self.conditions(prompts, negative_prompt, labels, s, size)
         if getattr(self.model_cfg, "micro_conditions", 0):  # SDXL: ask for a full-size, uncropped original
-            micro = micro_conditions(self.model_cfg, b, size, original_size or size, crop, self.device)
-            cond["micro"] = micro
+            args = (self.model_cfg, b, size, original_size or size, crop, self.device)
+            cond["micro"] = micro_conditions(*args)
             if uncond is not None:
-                uncond["micro"] = micro
+                uncond["micro"] = micro_conditions(*args, negative=True)
         learn_sigma = getattr(self.model_cfg, "learn_sigma", False)
         denoiser = Denoiser(self.net if net is None else net, self.process, self.prediction, learn_sigma)
         times = self.times(s, size)
@@ -596,11 +630,13 @@ def _vae_from(meta: dict, tensors: dict, path: Path) -> torch.nn.Module:
     return vae.eval().requires_grad_(False)
 
 
-def load(path_or_preset: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> Pipeline:
-    """`inkwash.load()`: the bundled model; a path: an inkwash model file; a preset name: untrained weights."""
+def load(path_or_preset: str | os.PathLike | None = None, device: str | torch.device = "cpu", *,
+         tokenizer: str | os.PathLike | None = None, prediction: str | None = None) -> Pipeline:  # fmt: skip
+    """`inkwash.load()`: the bundled model; a path: an inkwash model file, a Stable Diffusion / SDXL single file or
+    a diffusers folder (`tokenizer`, `prediction`: see `Pipeline.from_file`); a preset name: untrained weights."""
     if path_or_preset is None:
         return Pipeline.from_file(default_model_path(), device)
     p = Path(path_or_preset)
     if p.exists() or p.suffix == ".safetensors" or os.sep in str(path_or_preset):
-        return Pipeline.from_file(p, device)
+        return Pipeline.from_file(p, device, tokenizer=tokenizer, prediction=prediction)
     return Pipeline.from_preset(str(path_or_preset)).to(device)

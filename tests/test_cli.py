@@ -65,7 +65,7 @@ def _foreign(tmp_path):
         (["generate", "a red circle", "--steps", "0"], "steps must be a positive whole number"),
         (["generate", "a red circle", "--model", "MISSING/nothing.safetensors"], "does not exist"),
         (["generate", "a red circle", "--model", "CORRUPT"], "corrupt"),
-        (["generate", "a red circle", "--model", "FOREIGN"], "without inkwash metadata"),
+        (["generate", "a red circle", "--model", "FOREIGN"], "not a checkpoint inkwash recognises"),
     ],
 )
 def test_user_mistakes_get_one_sentence_and_exit_2(argv, needle, model_file, tmp_path, capsys):
@@ -83,7 +83,7 @@ def test_user_mistakes_get_one_sentence_and_exit_2(argv, needle, model_file, tmp
     "argv, needle",
     [
         (["serve", "--model", "MISSING/nothing.safetensors"], "does not exist"),
-        (["serve", "--model", "FOREIGN"], "without inkwash metadata"),
+        (["serve", "--model", "FOREIGN"], "not a checkpoint inkwash recognises"),
         (["serve", "--port", "0"], "--port must be between 1 and 65535"),
         (["serve", "--arena", "MISSING/arena.json"], "arena file MISSING/arena.json does not exist"),
         (["serve", "--arena", "ARENA:{not json"], "is not valid JSON"),

@@ -50,6 +50,15 @@ def _uniform(value, name: str):
     return value
 
 
+def _depths(value, levels: int) -> int | tuple[int, ...]:
+    """transformer_layers_per_block: an int, or one int per level (SDXL: 1, 2, 10) -> ours."""
+    if not isinstance(value, list | tuple):
+        return value
+    if len(value) != levels or not all(isinstance(v, int) for v in value):
+        raise UserError(f"diffusers U-Net: transformer_layers_per_block={list(value)} is not one int per level")
+    return value[0] if len(set(value)) == 1 else tuple(value)
+
+
 def unet_config_from_diffusers(config: Mapping, micro_conditions: int = 6) -> UNetConfig:
     """A diffusers UNet2DConditionModel config dict -> UNetConfig (UserError on what we cannot express).
     SDXL's `text_time` addition embeds `micro_conditions` scalars (6 for SDXL base: original size, crop,
@@ -97,7 +106,7 @@ def unet_config_from_diffusers(config: Mapping, micro_conditions: int = 6) -> UN
         attention_levels=tuple(i for i, t in enumerate(downs) if t.startswith("CrossAttn")),
         num_heads=num_heads,
         head_dim=head_dim,
-        transformer_depth=_uniform(config.get("transformer_layers_per_block", 1), "transformer_layers_per_block"),
+        transformer_depth=_depths(config.get("transformer_layers_per_block", 1), len(boc)),
         context_dim=_uniform(config.get("cross_attention_dim", 1280), "cross_attention_dim"),
         y_dim=y_dim,
         micro_conditions=micro_conditions if addition else 0,

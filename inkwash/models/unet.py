@@ -35,7 +35,7 @@ class UNetConfig:
     attention_levels: tuple[int, ...] = (0, 1, 2)  # levels (0 = full resolution) with transformer blocks
     num_heads: int = 8  # heads per transformer block, unless head_dim > 0
     head_dim: int = 0  # if > 0, heads = channels // head_dim (SD 2.x, SDXL)
-    transformer_depth: int = 1
+    transformer_depth: int | tuple[int, ...] = 1  # blocks per spatial transformer; a tuple: per level (SDXL)
     context_dim: int = 768  # text token width; 0 = no cross-attention at all
     y_dim: int = 0  # extra conditioning vector added to the time embedding; 0 = none
     micro_conditions: int = 0  # SDXL micro-conditioning: scalars (original size, crop, target size) per image
@@ -51,6 +51,11 @@ class UNetConfig:
     def __post_init__(self):
         for name in ("channel_mult", "attention_levels"):  # JSON gives lists; keep the dataclass hashable
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        if isinstance(self.transformer_depth, list | tuple):
+            object.__setattr__(self, "transformer_depth", tuple(self.transformer_depth))
+            if len(self.transformer_depth) != len(self.channel_mult):
+                raise ValueError(f"transformer_depth {self.transformer_depth} needs one entry per level "
+                                 f"({len(self.channel_mult)})")  # fmt: skip
         bad = [i for i in self.attention_levels if not 0 <= i < len(self.channel_mult)]
         if bad:
             raise ValueError(f"attention_levels {bad} out of range for {len(self.channel_mult)} levels")
@@ -80,6 +85,11 @@ class UNetConfig:
 
     def heads(self, ch: int) -> int:
         return ch // self.head_dim if self.head_dim else self.num_heads
+
+    def depth(self, level: int) -> int:
+        """Transformer blocks at a level (the mid block takes the deepest level's, as SDXL's)."""
+        d = self.transformer_depth
+        return d[level] if isinstance(d, tuple) else d
 
 
 class Level(nn.Module):
@@ -115,9 +125,9 @@ class UNet(nn.Module):
         chans, E, n = cfg.level_channels, cfg.time_embed_dim, cfg.num_res_blocks
         norm = dict(groups=cfg.norm_groups, eps=cfg.norm_eps, scale_shift=cfg.scale_shift)
 
-        def transformer(ch: int) -> SpatialTransformer:
+        def transformer(ch: int, level: int) -> SpatialTransformer:
             return SpatialTransformer(
-                ch, cfg.heads(ch), cfg.context_dim, depth=cfg.transformer_depth, groups=cfg.norm_groups
+                ch, cfg.heads(ch), cfg.context_dim, depth=cfg.depth(level), groups=cfg.norm_groups
             )
 
         self.time_embed = MLPEmbedder(cfg.model_channels, E)
@@ -137,12 +147,12 @@ class UNet(nn.Module):
                 ch = out
                 skips.append(ch)
             last = i == len(chans) - 1
-            attn = [transformer(ch) for _ in range(n)] if i in cfg.attention_levels else []
+            attn = [transformer(ch, i) for _ in range(n)] if i in cfg.attention_levels else []
             self.down.append(Level(res, attn, None if last else Downsample(ch)))
             skips += [] if last else [ch]
 
         self.mid = Level([ResBlock(ch, ch, E, **norm) for _ in range(2 if cfg.mid_attention else 1)], [], None)
-        self.mid_attn = transformer(ch) if cfg.mid_attention else None
+        self.mid_attn = transformer(ch, len(chans) - 1) if cfg.mid_attention else None
 
         self.up = nn.ModuleList()  # deepest level first
         for i, out in reversed(list(enumerate(chans))):
@@ -150,7 +160,7 @@ class UNet(nn.Module):
             for _ in range(n + 1):
                 res.append(ResBlock(ch + skips.pop(), out, E, **norm))
                 ch = out
-            attn = [transformer(ch) for _ in range(n + 1)] if i in cfg.attention_levels else []
+            attn = [transformer(ch, i) for _ in range(n + 1)] if i in cfg.attention_levels else []
             self.up.append(Level(res, attn, Upsample(ch) if i > 0 else None))
 
         self.norm_out = nn.GroupNorm(cfg.norm_groups, ch, eps=cfg.norm_eps)

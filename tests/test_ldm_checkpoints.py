@@ -1,0 +1,238 @@
+"""Stable Diffusion 1.x / 2.x / SDXL single files: tiny random checkpoints in the original key layouts
+(tests/sd_tiny.py) load in inkwash and, independently, through diffusers' own single-file conversion; U-Net,
+autoencoder and text encoders give the same numbers within 1e-5 (fp32). Published sizes are counted on the meta
+device."""
+
+from __future__ import annotations
+
+import pytest
+import sd_tiny
+import torch
+
+from inkwash.errors import UserError
+from inkwash.formats import ldm, single_file
+
+diffusers = pytest.importorskip("diffusers")
+sfu = pytest.importorskip("diffusers.loaders.single_file_utils")
+transformers = pytest.importorskip("transformers")
+
+FAMILIES = ("sd1", "sd2", "sdxl-base", "sdxl-refiner")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd")
+    return {f: sd_tiny.write_family(folder / f, f, seed=i) for i, f in enumerate(FAMILIES)}
+
+
+@pytest.fixture(scope="module")
+def loaded(files):
+    torch.set_num_threads(1)
+    return {f: single_file.load(p) for f, p in files.items()}
+
+
+def _checkpoint(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> None:
+    """Agree within tol relative to the output's scale (outputs of random nets are O(1) to O(10))."""
+    scale = max(1.0, b.abs().max().item())
+    assert (a - b).abs().max().item() <= tol * scale, (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_detects_family(files, family):
+    assert single_file.detect(files[family]) == family
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unet_matches_diffusers_conversion(files, loaded, family, one_thread):
+    config = dict(sample_size=8, in_channels=4, out_channels=4, **sd_tiny.TINY[family]["diffusers_unet"])
+    converted = sfu.convert_ldm_unet_checkpoint(_checkpoint(files[family]), config)
+    theirs = diffusers.UNet2DConditionModel(**config).eval()
+    theirs.load_state_dict(converted, strict=True)
+    ours = loaded[family]
+    cfg = ours.model_cfg
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([999.0, 10.0])
+    ctx = torch.randn(2, 77, cfg.context_dim, generator=g)
+    kw, added = {}, None
+    if cfg.micro_conditions:
+        y = torch.randn(2, cfg.y_dim, generator=g)
+        micro = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024][: cfg.micro_conditions]] * 2)
+        kw, added = {"y": y, "micro": micro}, {"text_embeds": y, "time_ids": micro}
+    with torch.no_grad():
+        a = ours.net(x, t, context=ctx, **kw)
+        b = theirs(x, t, encoder_hidden_states=ctx, added_cond_kwargs=added).sample
+    _close(a, b)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl-base"])
+def test_vae_matches_diffusers_conversion(files, loaded, family, one_thread):
+    config = dict(sd_tiny.DIFFUSERS_VAE)
+    converted = sfu.convert_ldm_vae_checkpoint(_checkpoint(files[family]), config)
+    theirs = diffusers.AutoencoderKL(**config).eval()
+    theirs.load_state_dict(converted, strict=True)
+    ours = loaded[family].vae
+    g = torch.Generator().manual_seed(4)
+    img, z = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1, torch.randn(1, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        _close(ours.encode(img).mean, theirs.encode(img).latent_dist.mean)
+        _close(ours.decode(z), theirs.decode(z).sample)
+    assert ours.cfg.scaling_factor == (0.13025 if family.startswith("sdxl") else 0.18215)
+
+
+def _hf_clip(config_kw: dict, state: dict, projection: bool = False):
+    cls = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
+    model = cls(transformers.CLIPTextConfig(**config_kw)).eval()
+    if not hasattr(model, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
+        state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    result = model.load_state_dict(state, strict=False)
+    return model, result
+
+
+def _tiny_clip_config(width: int, layers: int, embed: int = 0) -> dict:
+    return dict(
+        vocab_size=sd_tiny.VOCAB, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+        num_attention_heads=width // 64, max_position_embeddings=77, projection_dim=embed or width,
+        hidden_act="quick_gelu" if not embed else "gelu", bos_token_id=sd_tiny.BOS, eos_token_id=sd_tiny.EOS,
+    )  # fmt: skip
+
+
+PROMPTS = ["a red circle", "blue", ""]
+
+
+def test_sd1_text_matches_diffusers(files, loaded):
+    """SD 1.x: CLIP ViT-L's last hidden state (final LayerNorm applied), prompts padded with end-of-text to 77."""
+    state = sfu.convert_ldm_clip_checkpoint(_checkpoint(files["sd1"]))
+    state = {k: v for k, v in state.items() if not k.startswith(("model.", "first_stage_model.", "betas", "alphas"))}
+    theirs, result = _hf_clip(_tiny_clip_config(64, 2), state)
+    assert not result.missing_keys
+    enc = loaded["sd1"].encoder
+    tok = transformers.CLIPTokenizer(vocab=str(files["sd1"].parent / "tokenizer/vocab.json"),
+                                     merges=str(files["sd1"].parent / "tokenizer/merges.txt"))  # fmt: skip
+    ids = tok(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(enc.token_ids(PROMPTS), ids)
+    with torch.no_grad():
+        _close(enc(PROMPTS).tokens, theirs(ids).last_hidden_state)
+
+
+def test_sd2_text_matches_diffusers(files, loaded):
+    """SD 2.x: OpenCLIP ViT-H's penultimate layer with the final LayerNorm == diffusers' copy without the last layer;
+    open_clip pads with 0."""
+    ckpt = _checkpoint(files["sd2"])
+    theirs, _ = _hf_clip(_tiny_clip_config(128, 2, 128), {})  # diffusers' SD 2 text encoder: one layer fewer
+    state = sfu.convert_open_clip_checkpoint(theirs, ckpt, prefix="cond_stage_model.model.")
+    state = {k: v for k, v in state.items() if ".layers.2." not in k and k != "text_projection.weight"}
+    theirs, result = _hf_clip(_tiny_clip_config(128, 2, 128), state)
+    assert not result.missing_keys and not result.unexpected_keys
+    enc = loaded["sd2"].encoder
+    ids = enc.token_ids(PROMPTS)
+    end = int((ids[0] == sd_tiny.EOS).nonzero()[0])
+    assert end > 2 and (ids[0, end + 1 :] == 0).all()  # <bos> a red ... <eos> 0 0 ...
+    with torch.no_grad():
+        _close(enc(PROMPTS).tokens, theirs(ids).last_hidden_state)
+
+
+@pytest.mark.parametrize("family", ["sdxl-base", "sdxl-refiner"])
+def test_sdxl_text_matches_diffusers(files, loaded, family):
+    """SDXL: both towers' penultimate hidden states (no final LayerNorm) side by side; bigG's projected pooled
+    output, as StableDiffusionXLPipeline.encode_prompt reads them."""
+    ckpt = _checkpoint(files[family])
+    prefix = "conditioner.embedders.1.model." if family == "sdxl-base" else "conditioner.embedders.0.model."
+    shell, _ = _hf_clip(_tiny_clip_config(128, 3, 40), {}, projection=True)
+    big, result = _hf_clip(_tiny_clip_config(128, 3, 40), sfu.convert_open_clip_checkpoint(shell, ckpt, prefix),
+                           projection=True)  # fmt: skip
+    assert not result.missing_keys
+    enc = loaded[family].encoder
+    emb = enc(PROMPTS)
+    ids_g = (enc.encoders[-1] if family == "sdxl-base" else enc).token_ids(PROMPTS)
+    with torch.no_grad():
+        out = big(ids_g, output_hidden_states=True)
+        features = [out.hidden_states[-2]]
+        if family == "sdxl-base":
+            state = sfu.convert_ldm_clip_checkpoint(ckpt)
+            state = {k: v for k, v in state.items() if k.startswith("text_model.")}
+            small, result = _hf_clip(_tiny_clip_config(64, 2), state)
+            assert not result.missing_keys
+            ids_l = enc.encoders[0].token_ids(PROMPTS)
+            features.insert(0, small(ids_l, output_hidden_states=True).hidden_states[-2])
+        _close(emb.tokens, torch.cat(features, dim=-1))
+        _close(emb.pooled, out.text_embeds)
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+def test_unmatched_and_missing_keys_are_listed(tmp_path):
+    extra = {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.rogue.weight": torch.zeros(2)}
+    path = sd_tiny.write_family(tmp_path / "a", "sd1", extra=extra)
+    with pytest.raises(UserError, match=r"unmatched keys \['input_blocks.1.1.transformer_blocks.0.attn1.rogue"):
+        single_file.load(path)
+    path = sd_tiny.write_family(tmp_path / "b", "sd1", drop=("model.diffusion_model.out.2.bias",))
+    with pytest.raises(UserError, match=r"missing \['conv_out.bias'\]"):
+        single_file.load(path)
+    path = sd_tiny.write_family(tmp_path / "c", "sd1", extra={"model_ema.decay": torch.tensor(0.9999)})
+    with pytest.raises(UserError, match=r"unmatched keys \['model_ema.decay'\]"):
+        single_file.load(path)
+    to_v = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_v.weight"
+    path = sd_tiny.write_family(tmp_path / "d", "sd1", drop=(to_v,))
+    with pytest.raises(UserError, match="missing keys.*attn1.qkv.weight"):
+        single_file.load(path)
+
+
+def test_wrong_schedule_and_unknown_files_are_refused(tmp_path):
+    path = sd_tiny.write_family(tmp_path / "a", "sd1", extra={"betas": torch.linspace(1e-4, 0.02, 1000)})
+    with pytest.raises(UserError, match="noise schedule"):
+        single_file.load(path)
+    from safetensors.torch import save_file
+
+    save_file({"foo.weight": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(UserError, match="not a checkpoint inkwash recognises"):
+        single_file.load(tmp_path / "x.safetensors")
+    (tmp_path / "y.ckpt").write_bytes(b"\x80\x04")
+    with pytest.raises(UserError, match="never unpickles"):
+        single_file.load(tmp_path / "y.ckpt")
+    (tmp_path / "z.safetensors").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="is corrupt or not a safetensors file"):
+        single_file.load(tmp_path / "z.safetensors")
+
+
+def test_missing_tokenizer_is_one_clear_error(tmp_path, monkeypatch):
+    import shutil
+
+    path = sd_tiny.write_family(tmp_path, "sd1")
+    shutil.rmtree(tmp_path / "tokenizer")
+    monkeypatch.delenv("INKWASH_CLIP_TOKENIZER", raising=False)
+    with pytest.raises(UserError, match="no CLIP tokenizer"):
+        single_file.load(path)
+    sd_tiny.write_tokenizer(tmp_path / "elsewhere")
+    assert single_file.load(path, single_file.Options(tokenizer=tmp_path / "elsewhere")).family == "sd1"
+    monkeypatch.setenv("INKWASH_CLIP_TOKENIZER", str(tmp_path / "elsewhere"))
+    assert single_file.load(path).family == "sd1"
+
+
+def test_detection_list_is_open_for_more_formats():
+    names = [f.name for f in single_file.FORMATS]
+    assert names[:4] == list(FAMILIES)
+    fmt = single_file.Format("test-only", lambda s: "magic" in s, lambda p, s, o: None)
+    single_file.register_format(fmt, before="sd1")
+    try:
+        assert single_file.FORMATS[0] is fmt
+        with pytest.raises(ValueError):
+            single_file.register_format(fmt)
+    finally:
+        single_file.FORMATS.remove(fmt)
+
+
+def test_config_inference_reads_shapes():
+    schema = sd_tiny.ldm_unet_schema(
+        mc=64, mult=(1, 2, 4), n=2, attention=(1, 2), depths=(1, 2, 10), ctx=96, linear=True
+    )
+    cfg = ldm.unet_config_from_ldm(schema, head_dim=64)
+    assert (cfg.channel_mult, cfg.num_res_blocks, cfg.attention_levels) == ((1, 2, 4), 2, (1, 2))
+    assert cfg.transformer_depth == (1, 2, 10) and cfg.context_dim == 96
