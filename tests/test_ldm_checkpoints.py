@@ -236,3 +236,81 @@ def test_config_inference_reads_shapes():
     cfg = ldm.unet_config_from_ldm(schema, head_dim=64)
     assert (cfg.channel_mult, cfg.num_res_blocks, cfg.attention_levels) == ((1, 2, 4), 2, (1, 2))
     assert cfg.transformer_depth == (1, 2, 10) and cfg.context_dim == 96
+
+
+# ------------------------------------------------------------------------------------------ published sizes
+
+# diffusers' unet/config.json of each published model (the oracle's side), as far as it differs from the defaults.
+_PUBLISHED_UNETS = {
+    "sd15": dict(cross_attention_dim=768),
+    "sd21": dict(attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, use_linear_projection=True),
+    "sdxl-base": dict(
+        block_out_channels=[320, 640, 1280], attention_head_dim=[5, 10, 20], cross_attention_dim=2048,
+        transformer_layers_per_block=[1, 2, 10], use_linear_projection=True,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    ),
+    "sdxl-refiner": dict(
+        block_out_channels=[384, 768, 1536, 1536], attention_head_dim=[6, 12, 24, 24], cross_attention_dim=1280,
+        transformer_layers_per_block=4, use_linear_projection=True,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2560,
+    ),
+}  # fmt: skip
+_PUBLISHED_COUNTS = {
+    "sd15": 859_520_964,
+    "sd21": 865_910_724,
+    "sdxl-base": 2_567_463_684,
+    "sdxl-refiner": 2_259_526_660,
+}
+
+
+def _count(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(_PUBLISHED_UNETS))
+def test_unet_presets_have_the_published_sizes(name):
+    from inkwash.models.registry import build_model, get_preset
+
+    with torch.device("meta"):
+        ours = build_model(get_preset(name))
+        theirs = diffusers.UNet2DConditionModel(**_PUBLISHED_UNETS[name])
+    assert _count(ours) == _count(theirs) == _PUBLISHED_COUNTS[name]
+    assert set(ours.state_dict()) == set(ldm.unet_from_ldm(_meta_ldm_unet(get_preset(name)), get_preset(name)))
+
+
+def _meta_ldm_unet(cfg) -> dict:
+    """The LDM key schema of a preset (tests/sd_tiny.py) as meta tensors: every key must map onto the preset."""
+    depths = [cfg.depth(i) for i in range(len(cfg.channel_mult))]
+    adm = cfg.y_dim + cfg.micro_conditions * cfg.micro_embed_dim if cfg.y_dim else 0
+    schema = sd_tiny.ldm_unet_schema(cfg.model_channels, cfg.channel_mult, cfg.num_res_blocks, cfg.attention_levels,
+                                     depths, cfg.context_dim, linear=cfg.head_dim > 0, adm=adm)  # fmt: skip
+    return {k: torch.empty(s, device="meta") for k, s in schema.items()}
+
+
+def test_autoencoder_presets_have_the_published_size():
+    from inkwash.models.registry import build_model, get_preset
+
+    with torch.device("meta"):
+        theirs = diffusers.AutoencoderKL(
+            block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
+            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+        )  # fmt: skip
+        for name, scale in (("vae-sd", 0.18215), ("vae-sdxl", 0.13025)):
+            ours = build_model(get_preset(name))
+            assert _count(ours) == _count(theirs) == 83_653_863 and ours.cfg.scaling_factor == scale
+
+
+def test_text_towers_have_the_published_sizes():
+    from inkwash.text.clip import TOWERS, build_text_model, text_config
+    from inkwash.text.t5 import build_t5_encoder, t5_config
+
+    assert _count(build_text_model(text_config(TOWERS["clip-l"]))) == 123_060_480  # CLIP ViT-L/14 text
+    # OpenCLIP ViT-H/14 text tower with its projection (SD 2.x keeps all 24 layers in the file, reads 23)
+    assert _count(build_text_model(text_config(TOWERS["open-clip-h"]), projection=True)) == 354_032_640
+    assert _count(build_text_model(text_config(TOWERS["open-clip-h"], num_hidden_layers=23))) == 340_387_840
+    assert _count(build_text_model(text_config(TOWERS["open-clip-bigg"]), projection=True)) == 694_659_840
+    assert _count(build_t5_encoder(t5_config())) == 4_762_310_656  # T5 v1.1 XXL encoder

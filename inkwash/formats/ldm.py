@@ -105,7 +105,8 @@ def unet_config_from_ldm(shapes: Shapes, *, num_heads: int = 0, head_dim: int = 
         return UNetConfig(
             in_channels=in_ch, out_channels=shapes["out.2.weight"][0], model_channels=mc,
             channel_mult=tuple(c // mc for c in chans), num_res_blocks=n, attention_levels=tuple(attention),
-            num_heads=num_heads or 8, head_dim=head_dim, transformer_depth=transformer_depth, context_dim=context_dim,
+            num_heads=max(1, chans[0] // head_dim) if head_dim else num_heads or 8, head_dim=head_dim,
+            transformer_depth=transformer_depth, context_dim=context_dim,
             y_dim=y_dim, micro_conditions=micro_conditions if y_dim else 0, micro_embed_dim=micro_embed_dim,
             mid_attention=mid_attention,
         )  # fmt: skip

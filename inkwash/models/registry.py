@@ -105,6 +105,24 @@ register(
 )  # fmt: skip
 # Stable Diffusion 1.5's U-Net exactly (latent space, CLIP ViT-L/14 context): 859,520,964 parameters.
 register("sd15", UNetConfig())
+# Stable Diffusion 2.1 (768-v and base): OpenCLIP ViT-H context, 64-wide heads (diffusers' attention_head_dim
+# [5, 10, 20, 20]); 865,910,724 parameters.
+register("sd21", UNetConfig(num_heads=5, head_dim=64, context_dim=1024))  # num_heads: diffusers' first entry
+# SDXL base 1.0 (Stability-AI/generative-models configs/inference/sd_xl_base.yaml): three levels, attention on the
+# lower two with 2 and 10 transformer blocks, CLIP-L + bigG context 2048, pooled bigG (1280) + 6 micro-conditions
+# (adm_in_channels 2816); 2,567,463,684 parameters.
+register(
+    "sdxl-base",
+    UNetConfig(channel_mult=(1, 2, 4), attention_levels=(1, 2), num_heads=5, head_dim=64, transformer_depth=(1, 2, 10),
+               context_dim=2048, y_dim=1280, micro_conditions=6),
+)  # fmt: skip
+# SDXL refiner 1.0 (sd_xl_refiner.yaml): 384 channels, 4 blocks per transformer, bigG context 1280, pooled bigG +
+# 5 micro-conditions (original size, crop, aesthetic score; adm_in_channels 2560); 2,259,526,660 parameters.
+register(
+    "sdxl-refiner",
+    UNetConfig(model_channels=384, channel_mult=(1, 2, 4, 4), attention_levels=(1, 2), num_heads=6, head_dim=64,
+               transformer_depth=4, context_dim=1280, y_dim=1280, micro_conditions=5),
+)  # fmt: skip
 
 # Autoencoders (Stable Diffusion's KL layout). Published latent scale and shift, from the models' own configs.
 register("vae-sd", VAEConfig(scaling_factor=0.18215))  # SD 1.x / 2.x: f = 8, 4 channels, 83,653,863 parameters
