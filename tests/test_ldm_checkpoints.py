@@ -314,3 +314,35 @@ def test_text_towers_have_the_published_sizes():
     assert _count(build_text_model(text_config(TOWERS["open-clip-h"], num_hidden_layers=23))) == 340_387_840
     assert _count(build_text_model(text_config(TOWERS["open-clip-bigg"]), projection=True)) == 694_659_840
     assert _count(build_t5_encoder(t5_config())) == 4_762_310_656  # T5 v1.1 XXL encoder
+
+
+def test_full_size_sd15_file_maps_every_key():
+    """tests/fixtures/sd15-original-keys.json (scripts/sd15_key_fixture.py: SD 1.5's 1,143 tensors, checked there
+    against diffusers' converters and full-size models) maps key for key onto inkwash's sd15, vae-sd and CLIP-L."""
+    import json
+    from pathlib import Path
+
+    from inkwash.formats.checkpoint import load_exact
+    from inkwash.models.registry import build_model, get_preset
+    from inkwash.text.clip import TOWERS, build_text_model, hf_text_keys, text_config
+
+    shapes = {
+        k: tuple(v)
+        for k, v in json.loads((Path(__file__).parent / "fixtures/sd15-original-keys.json").read_text()).items()
+    }
+    assert len(shapes) == 1143 and single_file._format_of(Path("sd15"), shapes).name == "sd1"
+    meta = {k: torch.empty(v, device="meta") for k, v in shapes.items()}
+    fam = single_file.families()["sd1"]
+    cfg = ldm.unet_config_from_ldm(ldm.under(shapes, ldm.UNET), **fam.heads)
+    assert cfg == get_preset("sd15")
+    vae_cfg = ldm.vae_config_from_ldm(ldm.under(shapes, ldm.VAE), fam.vae_scale)
+    assert vae_cfg == get_preset("vae-sd")
+    with torch.device("meta"):
+        load_exact(build_model(cfg), ldm.unet_from_ldm(ldm.under(meta, ldm.UNET), cfg), "U-Net", assign=True)
+        load_exact(build_model(vae_cfg), ldm.vae_from_ldm(ldm.under(meta, ldm.VAE), vae_cfg), "VAE", assign=True)
+    text = build_text_model(text_config(TOWERS["clip-l"]))
+    hf = ldm.clip_from_ldm({k: torch.arange(77)[None] if k.endswith("position_ids") else v
+                            for k, v in ldm.under(meta, "cond_stage_model.transformer.").items()})  # fmt: skip
+    load_exact(text, hf_text_keys(text, hf), "CLIP", assign=True)
+    rest = [k for k in shapes if not k.startswith((ldm.UNET, ldm.VAE, "cond_stage_model."))]
+    assert sorted(rest) == sorted(k for k in ldm.SCHEDULE_BUFFERS if k != "logvar")
