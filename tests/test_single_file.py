@@ -89,3 +89,111 @@ def test_cli_errors_are_one_sentence(tmp_path, capsys):
     assert main(["generate", "x", "--model", str(tmp_path / "m.safetensors")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("inkwash: error:") and "Traceback" not in err and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------------------ diffusers folders
+
+
+def _tiny_pipeline(kind: str, tmp):
+    """A tiny diffusers StableDiffusion(XL)Pipeline built by diffusers itself and saved with save_pretrained."""
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    tok_dir = sd_tiny.write_tokenizer(tmp / "tok")
+
+    def tokenizer(pad="<|endoftext|>"):
+        return transformers.CLIPTokenizer(vocab=str(tok_dir / "vocab.json"), merges=str(tok_dir / "merges.txt"),
+                                          pad_token=pad, model_max_length=77)  # fmt: skip
+
+    def clip(width, projection=False):
+        cfg = transformers.CLIPTextConfig(
+            vocab_size=sd_tiny.VOCAB, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+            num_attention_heads=width // 64, max_position_embeddings=77, projection_dim=32,
+            bos_token_id=sd_tiny.BOS, eos_token_id=sd_tiny.EOS,
+        )  # fmt: skip
+        model = (transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel)(cfg)
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+        return model.eval()
+
+    vae = diffusers.AutoencoderKL(**sd_tiny.DIFFUSERS_VAE, sample_size=16).eval()
+    if kind == "sd":
+        unet = diffusers.UNet2DConditionModel(sample_size=8, **sd_tiny.TINY["sd1"]["diffusers_unet"]).eval()
+        sched = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                        steps_offset=1, clip_sample=False, set_alpha_to_one=False)  # fmt: skip
+        pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=clip(64), tokenizer=tokenizer(), unet=unet,
+                                                 scheduler=sched, safety_checker=None, feature_extractor=None,
+                                                 requires_safety_checker=False)  # fmt: skip
+    else:
+        unet = diffusers.UNet2DConditionModel(
+            sample_size=8, block_out_channels=(64, 128), layers_per_block=1, attention_head_dim=(1, 2),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=192,
+            transformer_layers_per_block=(1, 2), use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
+        ).eval()  # fmt: skip
+        sched = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                 steps_offset=1, timestep_spacing="leading")  # fmt: skip
+        pipe = diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=clip(64), text_encoder_2=clip(128, True),
+                                                   tokenizer=tokenizer(), tokenizer_2=tokenizer("!"), unet=unet,
+                                                   scheduler=sched)  # fmt: skip
+    for p in unet.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    pipe.save_pretrained(tmp / kind, safe_serialization=True)
+    return pipe, tmp / kind
+
+
+PROMPTS = ["a red circle", "blue"]
+
+
+def test_diffusers_sd_folder(tmp_path, one_thread):
+    theirs, folder = _tiny_pipeline("sd", tmp_path)
+    pipe = inkwash.load(folder)
+    s = pipe.sampling
+    assert (s.sampler, s.steps, s.guidance, s.schedule, pipe.image_size, pipe.prediction) == (
+        "ddim",
+        50,
+        7.5,
+        "leading",
+        16,
+        "eps",
+    )
+    with torch.no_grad():
+        cond, uncond = theirs.encode_prompt(PROMPTS, "cpu", 1, True, negative_prompt=None)
+        emb = pipe.encoder(PROMPTS)
+        torch.testing.assert_close(emb.tokens, cond, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pipe.encoder([""] * 2).tokens, uncond, atol=1e-5, rtol=1e-5)
+        x, t = torch.randn(2, 4, 8, 8), torch.tensor([900.0, 20.0])
+        torch.testing.assert_close(pipe.net(x, t, context=cond), theirs.unet(x, t, cond).sample, atol=1e-5, rtol=1e-5)
+        z = torch.randn(1, 4, 8, 8)
+        torch.testing.assert_close(pipe.vae.decode(z), theirs.vae.decode(z).sample, atol=1e-5, rtol=1e-5)
+    assert pipe("a red circle", steps=2, size=16)[0].size == (16, 16)
+
+
+def test_diffusers_sdxl_folder(tmp_path, one_thread):
+    theirs, folder = _tiny_pipeline("sdxl", tmp_path)
+    # micro_embed_dim comes from the folder's unet config (8 here; 256 in SDXL)
+    pipe = Pipeline.from_file(folder)
+    assert (pipe.sampling.sampler, pipe.sampling.guidance, pipe.zero_empty_negative) == ("euler", 5.0, True)
+    with torch.no_grad():
+        cond, uncond, pooled, neg_pooled = theirs.encode_prompt(PROMPTS, device="cpu", num_images_per_prompt=1,
+                                                                do_classifier_free_guidance=True)  # fmt: skip
+        emb = pipe.encoder(PROMPTS)
+        torch.testing.assert_close(emb.tokens, cond, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(emb.pooled, pooled, atol=1e-5, rtol=1e-5)
+        ours_c, ours_u = pipe.conditions(PROMPTS, "", None, pipe.settings(), 16)
+        assert (
+            torch.count_nonzero(uncond) == torch.count_nonzero(ours_u["context"]) == 0
+        )  # force_zeros_for_empty_prompt
+        assert torch.count_nonzero(neg_pooled) == torch.count_nonzero(ours_u["y"]) == 0
+    assert pipe("a red circle", steps=2, size=16)[0].size == (16, 16)
+
+
+def test_folder_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="without model_index.json"):
+        inkwash.load(tmp_path / "empty")
+    (tmp_path / "flux").mkdir()
+    (tmp_path / "flux" / "model_index.json").write_text('{"_class_name": "SomeOtherPipeline"}')
+    with pytest.raises(UserError, match="SomeOtherPipeline folder; inkwash loads"):
+        inkwash.load(tmp_path / "flux")

@@ -193,12 +193,13 @@ def unet_state_dict_from_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, 
     return out
 
 
-def unet_from_diffusers(config: Mapping, sd: Mapping[str, torch.Tensor]) -> UNet:
+def unet_from_diffusers(config: Mapping, sd: Mapping[str, torch.Tensor], micro_conditions: int = 6) -> UNet:
     """Build an inkwash UNet from a diffusers config and state dict; every key on both sides must match.
+    `micro_conditions`: see unet_config_from_diffusers (SDXL base 6, refiner 5).
 
     Unfused tensors are assigned, not copied: the model shares their storage with `sd`.
     """
-    cfg = unet_config_from_diffusers(config)
+    cfg = unet_config_from_diffusers(config, micro_conditions)
     with torch.device("meta"):
         model = UNet(cfg)
     converted = unet_state_dict_from_diffusers(sd)

@@ -95,7 +95,30 @@ def hf_text_keys(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> dict[st
 
 
 def _probe_file(folder: Path) -> Path | None:
-    return folder if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file() else None
+    """The folder if it holds a CLIP BPE tokenizer: vocab.json + merges.txt, or one tokenizer.json (as transformers 5
+    saves it)."""
+    pair = (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+    return folder if pair or (folder / "tokenizer.json").is_file() else None
+
+
+def _vocab_merges(folder: Path) -> tuple[dict, list]:
+    """The BPE vocabulary and merges of a tokenizer folder; UserError for unreadable files."""
+    try:
+        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+            lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+            merges = [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#version")]
+        else:
+            model = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+            if model.get("type") != "BPE":
+                raise UserError(f"{folder / 'tokenizer.json'} is not a BPE tokenizer")
+            vocab = model["vocab"]
+            merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{folder} holds an unreadable CLIP tokenizer ({e})") from None
+    if any(len(m) != 2 for m in merges):
+        raise UserError(f"{folder}: its BPE merges are not pairs")
+    return vocab, merges
 
 
 def find_tokenizer(explicit: str | os.PathLike | None, near: Path) -> Path:
@@ -118,24 +141,17 @@ def find_tokenizer(explicit: str | os.PathLike | None, near: Path) -> Path:
 
 
 def load_tokenizer(folder: str | os.PathLike):
-    """transformers' CLIPTokenizer from a local folder with vocab.json and merges.txt (BOS <|startoftext|>,
-    EOS <|endoftext|>); offline."""
+    """transformers' CLIPTokenizer from a local folder with vocab.json and merges.txt, or tokenizer.json (BOS
+    <|startoftext|>, EOS <|endoftext|>); offline. The pad token is the caller's business (see Reading.pad_id)."""
     from transformers import CLIPTokenizer
 
     folder = Path(folder)
     if _probe_file(folder) is None:
-        raise UserError(f"{folder} is not a CLIP tokenizer folder (it needs vocab.json and merges.txt)")
-    try:
-        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{folder / 'vocab.json'} is not a JSON vocabulary ({e})") from None
-    lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
-    merges = [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#version")]
-    if any(len(m) != 2 for m in merges):
-        raise UserError(f"{folder / 'merges.txt'} is not a BPE merges file (a pair per line)")
+        raise UserError(f"{folder} is not a CLIP tokenizer folder (vocab.json and merges.txt, or tokenizer.json)")
+    vocab, merges = _vocab_merges(folder)
     missing = [t for t in ("<|startoftext|>", "<|endoftext|>") if t not in vocab]
     if missing:
-        raise UserError(f"{folder / 'vocab.json'} lacks CLIP's special tokens {missing}")
+        raise UserError(f"the vocabulary in {folder} lacks CLIP's special tokens {missing}")
     return CLIPTokenizer(vocab=vocab, merges=merges)
 
 
