@@ -31,12 +31,14 @@ from .text import TextEncoderConfig, build_text_encoder
 from .text.base import TextEmbedding, TextEncoder
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-BUNDLED = ASSETS / "shapes-unet.safetensors"
+# The default: an LCM student of the bundled Shapes U-Net (recipes/distill-lcm.json), 4 steps, no CFG pass.
+BUNDLED = ASSETS / "shapes-unet-lcm.safetensors"
+BUNDLED_TEACHER = ASSETS / "shapes-unet.safetensors"  # its teacher (recipes/bundled.json): 20 steps with CFG
 MAX_PROMPT_CHARS = 1000
 
 
 def default_model_path() -> Path:
-    """The model trained on Shapes that ships inside the package."""
+    """The Shapes model that ships inside the package: the few-step student of `BUNDLED_TEACHER`."""
     if not BUNDLED.exists():
         raise UserError(f"the bundled model {BUNDLED} is missing; reinstall inkwash or pass --model")
     return BUNDLED
