@@ -18,10 +18,12 @@ def _generate(args) -> None:
     from .pipeline import load, save_png
 
     opts = {"tokenizer": args.tokenizer, "prediction": args.prediction}
+    memory = {"dtype": args.dtype, "offload_mode": args.offload, "vae_tile": args.vae_tiling, "device": args.device}
     pipe = load(args.model, **opts)
-    for spec in args.lora or []:
+    for spec in args.lora or []:  # merged into fp32 weights, before they are stored in another dtype or offloaded
         print(pipe.add_lora(*_lora_spec(spec)).summary(), file=sys.stderr)
-    refiner = load(args.refiner, **opts) if args.refiner else None
+    pipe.set_memory(**memory)
+    refiner = load(args.refiner, **opts).set_memory(**memory) if args.refiner else None
     images = pipe(
         args.prompt, negative_prompt=args.negative, n=args.n, seed=args.seed, size=args.size,
         steps=args.steps, sampler=args.sampler, schedule=args.schedule, guidance=args.guidance, rescale=args.rescale,
@@ -215,8 +217,9 @@ def _run_parser(sub, name: str, help: str, options: str) -> argparse.ArgumentPar
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .accel.offload import OFFLOADS, STORAGE_DTYPES
     from .eval.shapeseval import TASKS
-    from .pipeline import PRECISIONS
+    from .pipeline import DEFAULT_VAE_TILE, PRECISIONS
     from .sampling import SAMPLERS, SCHEDULES
 
     p = argparse.ArgumentParser(prog="inkwash", description="Text-to-image diffusion: train, sample, measure.")
@@ -244,7 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
     g.add_argument("-n", type=int, default=1, help="images per prompt")
-    g.add_argument("--precision", default="fp32", choices=PRECISIONS, help="network precision (bf16: autocast)")
+    g.add_argument("--precision", default="fp32", choices=PRECISIONS, help="compute precision (bf16: autocast)")
+    g.add_argument("--dtype", default="fp32", choices=list(STORAGE_DTYPES), help="weight storage: bf16/fp16 "
+                   "halve memory and compute in it; fp8: Linear/Conv weights in 8 bits, upcast at use")  # fmt: skip
+    g.add_argument("--device", default="cpu", help="where the networks run (cpu, cuda, cuda:1, mps)")
+    g.add_argument("--offload", default="none", choices=OFFLOADS, help="keep weights on the CPU: model (each "
+                   "component on --device only while used), sequential (each layer only for its forward)")  # fmt: skip
+    g.add_argument("--vae-tiling", dest="vae_tiling", type=int, nargs="?", const=DEFAULT_VAE_TILE, default=None,
+                   metavar="LATENT_TILE", help="decode the image in overlapping tiles of this many latent positions "
+                   f"a side (default {DEFAULT_VAE_TILE}: 512 px at f = 8)")  # fmt: skip
     g.add_argument("--refiner", default=None, help="a second model (file or folder) that finishes the denoising "
                    "(SDXL refiner)")  # fmt: skip
     g.add_argument("--handoff", type=float, default=0.8, help="fraction of the denoising the base model does")

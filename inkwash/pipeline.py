@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from PIL import Image, PngImagePlugin
 
+from .accel.offload import cast_storage, check_offload, check_storage, offload
 from .data.base import to_uint8_hwc
 from .diffusion import Denoiser, Flow, Process, process_from_dict
 from .errors import UserError
@@ -60,7 +61,17 @@ class Sampling:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16")  # compute: bf16 runs the network under autocast, whatever its weights are stored in
+DEFAULT_VAE_TILE = 64  # latent positions per tile side: 512 px at f = 8, diffusers' tile for SD 1.x
+
+
+def check_precisions(dtype: str, precision: str) -> None:
+    """Weight storage (`dtype`) and compute (`precision`) must agree: fp16 weights cannot run under bf16 autocast."""
+    check_storage(dtype)
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if dtype == "fp16" and precision == "bf16":
+        raise UserError("fp16 weights compute in fp16: use --precision fp32 with --dtype fp16, or --dtype bf16")
 
 
 def autocast_for(precision: str, device: torch.device):
@@ -199,6 +210,7 @@ class SamplingRun:
     seeds: list[int]
     process: Process
     vae: Any = None  # latent models: the autoencoder that turns the sampled latents into images
+    vae_tile: int | None = None  # decode in tiles of this many latent positions a side (None: in one piece)
 
     def __call__(self, callback: Callable | None = None, refiner: SamplingRun | None = None,
                  handoff: float = 0.8) -> torch.Tensor:  # fmt: skip
@@ -229,7 +241,7 @@ class SamplingRun:
     def to_images(self, x: torch.Tensor) -> torch.Tensor:
         """The sampler's space -> images in [-1, 1]: a decode for latent models, the identity for pixel ones."""
         if self.vae is not None:
-            x = self.vae.decode_latent(x.to(next(self.vae.parameters()).dtype)).float()
+            x = self.vae.decode_latent(x.to(next(self.vae.parameters()).dtype), tile=self.vae_tile).float()
         return x.clamp(-1, 1)
 
 
@@ -249,6 +261,9 @@ class Pipeline:
     source: str = ""  # the file it was loaded from
     vae: Any = None  # latent models: the autoencoder; `channels` are then its latent channels
     zero_empty_negative: bool = False  # SDXL base: no negative prompt -> zero text features (diffusers' default)
+    dtype: str = "fp32"  # weight storage (see `set_memory`)
+    vae_tile: int | None = None  # tiled VAE decode: latent positions per tile side (None: untiled)
+    placement: Any = None  # an offload placement (accel.offload), None when every weight is on `device`
 
     # --- construction ---------------------------------------------------------------------------
 
@@ -307,6 +322,9 @@ class Pipeline:
         returns it (`.report()` says what it modified, `.unmerge()` takes it out again)."""
         from inkwash.formats.lora import load_lora
 
+        if self.dtype == "fp8" or self.placement is not None:
+            raise UserError("merge LoRAs before storing the weights in fp8 or offloading them (add_lora, then "
+                            "set_memory)")  # fmt: skip
         encoders = getattr(self.encoder, "encoders", [self.encoder])  # two or more combined: text_encoder, _2, ...
         hf = [getattr(e, "model", None) for e in encoders]
         parts = {f"text_encoder{'' if i == 0 else f'_{i + 1}'}": m for i, m in enumerate(hf) if m is not None}
@@ -314,11 +332,52 @@ class Pipeline:
 
     def to(self, device: str | torch.device) -> Pipeline:
         self.device = torch.device(device)
+        if self.placement is not None:  # offloaded: weights stay on the CPU, copies go to the device when used
+            self.placement.device = self.device
+            return self
         self.net.to(self.device)
         self.encoder.to(self.device)
         if self.vae is not None:
             self.vae.to(self.device)
         return self
+
+    def components(self) -> dict[str, torch.nn.Module]:
+        """The modules generating uses, in order: text encoder, denoiser, and the VAE of a latent model."""
+        parts = {"text_encoder": self.encoder, "denoiser": self.net}
+        return parts if self.vae is None else {**parts, "vae": self.vae}
+
+    def set_memory(self, *, dtype: str | None = None, offload_mode: str = "none", vae_tile: int | None = None,
+                   device: str | torch.device | None = None) -> Pipeline:  # fmt: skip
+        """Trade speed for memory. `dtype`: weight storage, "fp32", "bf16", "fp16" (the network then computes in
+        it) or "fp8" (the text encoder's and denoiser's Linear and Conv2d weights in float8_e4m3fn with a scale per
+        output channel, upcast layer by layer at use; the VAE keeps its precision). `offload_mode`: "model" (each
+        component on `device` only while used), "sequential" (each submodule's weights only for its forward) or
+        "none". `vae_tile`: decode latents in overlapping tiles of this side. Storage is set once per pipeline."""
+        device = torch.device(device) if device is not None else self.device
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"device {device} was asked for, but this PyTorch sees no CUDA GPU; use --device cpu")
+        check_offload(offload_mode)
+        if vae_tile is not None and (not isinstance(vae_tile, int) or vae_tile < 1):
+            raise UserError(f"the VAE tile is a side in latent positions, a positive whole number; got {vae_tile}")
+        if vae_tile is not None and self.vae is None:
+            raise UserError(f"{self.name} samples pixels and has no autoencoder, so there is no VAE decode to tile")
+        if dtype is not None and check_storage(dtype) != self.dtype:
+            if self.dtype != "fp32":
+                raise UserError(f"the weights are already stored in {self.dtype}; load the model again for {dtype}")
+            if self.placement is not None:
+                raise UserError("set the weight dtype before offloading")
+            parts = self.components()
+            for name, module in parts.items():
+                if dtype != "fp8" or name != "vae":
+                    cast_storage(module, dtype)
+            self.dtype = dtype
+        if self.placement is not None:
+            self.placement.remove()
+            self.placement = None
+        self.vae_tile = vae_tile
+        self.device = device
+        self.placement = offload(offload_mode, self.components(), device)
+        return self if self.placement is not None else self.to(device)
 
     # --- sampling -------------------------------------------------------------------------------
 
@@ -470,7 +529,7 @@ class Pipeline:
         shape = (1, self.channels, side, side)
         x = torch.cat([self.process.init_noise(shape, torch.Generator().manual_seed(s), times[0]) for s in seeds])
         model = Guided(denoiser, cond, uncond, s.guidance, s.rescale)
-        return SamplingRun(model, x.to(self.device), times, s, seeds, self.process, self.vae)
+        return SamplingRun(model, x.to(self.device), times, s, seeds, self.process, self.vae, self.vae_tile)
 
     @torch.no_grad()
     def generate(
@@ -491,17 +550,24 @@ class Pipeline:
         """Images [N, 3, H, W] in [-1, 1]; "" is the unconditional prompt. Image i starts from noise seeded
         `seed + i` (or `seed[i]` for a list) on the CPU, so it does not depend on the device or on the rest of
         the batch; stochastic samplers draw their later noise from one generator seeded by the first seed.
-        `precision="bf16"` runs the network under bf16 autocast; the sampler's state stays float32.
+        `precision="bf16"` runs the network under bf16 autocast (whatever `set_memory` stored the weights in);
+        the sampler's state stays float32.
         `refiner`: a second model that does the last 1 - `handoff` of the denoising (SDXL base + refiner).
         A class-conditional model (DiT on ImageNet) takes `class_label` instead of a prompt."""
+        check_precisions(self.dtype, precision)
         kw = dict(negative_prompt=negative_prompt, n=n, seed=seed, size=size, class_label=class_label, **overrides)
-        run = self.prepare(prompt, **kw)
-        second = None
-        if refiner is not None:
-            self.check_refiner(refiner)
-            second = refiner.prepare(prompt, **kw)
-        with autocast_for(precision, self.device)():
-            return run(callback, second, handoff)
+        try:
+            run = self.prepare(prompt, **kw)
+            second = None
+            if refiner is not None:
+                self.check_refiner(refiner)
+                second = refiner.prepare(prompt, **kw)
+            with autocast_for(precision, self.device)():
+                return run(callback, second, handoff)
+        finally:  # offloaded: nothing stays on the device between calls
+            for p in (self, refiner):
+                if p is not None and p.placement is not None:
+                    p.placement.release()
 
     def check_refiner(self, refiner: Pipeline) -> None:
         """A refiner must continue in the same space: the same process, channels and autoencoder."""
@@ -633,12 +699,19 @@ def _vae_from(meta: dict, tensors: dict, path: Path) -> torch.nn.Module:
 
 
 def load(path_or_preset: str | os.PathLike | None = None, device: str | torch.device = "cpu", *,
-         tokenizer: str | os.PathLike | None = None, prediction: str | None = None) -> Pipeline:  # fmt: skip
+         tokenizer: str | os.PathLike | None = None, prediction: str | None = None,
+         dtype: str = "fp32", offload: str = "none", vae_tile: int | None = None) -> Pipeline:  # fmt: skip
     """`inkwash.load()`: the bundled model; a path: an inkwash model file, a Stable Diffusion / SDXL single file or
-    a diffusers folder (`tokenizer`, `prediction`: see `Pipeline.from_file`); a preset name: untrained weights."""
+    a diffusers folder (`tokenizer`, `prediction`: see `Pipeline.from_file`); a preset name: untrained weights.
+    `dtype`, `offload` and `vae_tile` trade speed for memory (see `Pipeline.set_memory`)."""
+    check_storage(dtype)
+    check_offload(offload)
     if path_or_preset is None:
-        return Pipeline.from_file(default_model_path(), device)
-    p = Path(path_or_preset)
-    if p.exists() or p.suffix == ".safetensors" or os.sep in str(path_or_preset):
-        return Pipeline.from_file(p, device, tokenizer=tokenizer, prediction=prediction)
-    return Pipeline.from_preset(str(path_or_preset)).to(device)
+        pipe = Pipeline.from_file(default_model_path())
+    else:
+        p = Path(path_or_preset)
+        if p.exists() or p.suffix == ".safetensors" or os.sep in str(path_or_preset):
+            pipe = Pipeline.from_file(p, tokenizer=tokenizer, prediction=prediction)
+        else:
+            pipe = Pipeline.from_preset(str(path_or_preset))
+    return pipe.set_memory(dtype=dtype, offload_mode=offload, vae_tile=vae_tile, device=device)

@@ -8,7 +8,9 @@ The downsampling factor is 2 ** (levels - 1): f = 8 for SD's four levels, f = 4 
 
 Diffusion runs on `to_latent(z) = (z - shift) * scale`; scale and shift live in the config (computed from
 data by the trainer, published ones in the presets), never as magic numbers elsewhere. Tiled encode and
-decode bound the memory of large images; tiles overlap and are blended linearly.
+decode bound the memory of large images; tiles overlap and are blended linearly, either with full tiles and
+symmetric ramps (`tiling="ramps"`) or exactly as diffusers' `AutoencoderKL.enable_tiling()` does
+(`tiling="diffusers"`: same images as a diffusers user gets, to float precision).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
 from .layers import Downsample, ResBlock, Upsample, attention
 
 Tensor = torch.Tensor
@@ -187,16 +190,19 @@ class VAE(nn.Module):
     def from_latent(self, latent: Tensor) -> Tensor:
         return latent / self.cfg.scaling_factor + self.cfg.shift_factor
 
-    def encode_latent(self, x: Tensor, generator: torch.Generator | None = None, tile: int | None = None) -> Tensor:
-        """Images -> diffusion latents (a posterior sample with a generator, else its mean)."""
-        moments = tiled(self.moments, x, tile, self.cfg.downsample) if tile else self.moments(x)
+    def encode_latent(self, x: Tensor, generator: torch.Generator | None = None, tile: int | None = None,
+                      tiling: str = "ramps") -> Tensor:  # fmt: skip
+        """Images -> diffusion latents (a posterior sample with a generator, else its mean). `tile`: image tile side
+        for tiled encoding, `tiling` its layout ("ramps" or "diffusers")."""
+        moments = _tiler(tiling)(self.moments, x, tile, self.cfg.downsample) if tile else self.moments(x)
         posterior = DiagonalGaussian(moments)
         return self.to_latent(posterior.sample(generator) if generator is not None else posterior.mode())
 
-    def decode_latent(self, latent: Tensor, tile: int | None = None) -> Tensor:
-        """Diffusion latents -> images in [-1, 1] (not clamped). `tile`: latent tile side for tiled decoding."""
+    def decode_latent(self, latent: Tensor, tile: int | None = None, tiling: str = "ramps") -> Tensor:
+        """Diffusion latents -> images in [-1, 1] (not clamped). `tile`: latent tile side for tiled decoding,
+        `tiling` its layout ("ramps" or "diffusers")."""
         z = self.from_latent(latent)
-        return tiled(self.decode, z, tile, 1 / self.cfg.downsample) if tile else self.decode(z)
+        return _tiler(tiling)(self.decode, z, tile, 1 / self.cfg.downsample) if tile else self.decode(z)
 
     def moments(self, x: Tensor) -> Tensor:
         """The posterior's [mean, log-variance] stacked on channels: [B, 2C, h, w] (what a latent cache keeps)."""
@@ -247,3 +253,40 @@ def tiled(fn, x: Tensor, tile: int, scale: float, overlap_fraction: float = 0.25
             out[..., t : t + th, lft : lft + tw] += y * w
             weight[t : t + th, lft : lft + tw] += w
     return out / weight
+
+
+def _blend_into(a: Tensor, b: Tensor, extent: int, dim: int) -> None:
+    """diffusers' blend_v / blend_h: b's first rows along `dim` <- a linear fade from a's last rows, in place."""
+    n = min(a.shape[dim], b.shape[dim], extent)
+    for y in range(n):
+        b.select(dim, y).copy_(a.select(dim, y - n) * (1 - y / n) + b.select(dim, y) * (y / n))
+
+
+def tiled_diffusers(fn, x: Tensor, tile: int, scale: float, overlap_fraction: float = 0.25) -> Tensor:
+    """`fn` on tiles laid out as diffusers' AutoencoderKL tiled_decode / _tiled_encode lay them: tiles start
+    every int(tile * (1 - overlap)) input positions (the last ones may be partial), each output tile fades in from
+    its upper then its left neighbour over int(out_tile * overlap) rows and is cropped to out_tile minus that.
+    An input no larger than the tile is not tiled (as there)."""
+    H, W = x.shape[-2:]
+    if H <= tile and W <= tile:
+        return fn(x)
+    out_tile = int(round(tile / scale, 6))
+    stride, extent = int(tile * (1 - overlap_fraction)), int(out_tile * overlap_fraction)
+    keep = out_tile - extent
+    rows = [[fn(x[..., i : i + tile, j : j + tile]) for j in range(0, W, stride)] for i in range(0, H, stride)]
+    for i, row in enumerate(rows):
+        for j, t in enumerate(row):
+            if i > 0:
+                _blend_into(rows[i - 1][j], t, extent, -2)
+            if j > 0:
+                _blend_into(row[j - 1], t, extent, -1)
+    return torch.cat([torch.cat([t[..., :keep, :keep] for t in row], dim=-1) for row in rows], dim=-2)
+
+
+TILINGS = {"ramps": tiled, "diffusers": tiled_diffusers}
+
+
+def _tiler(name: str):
+    if name not in TILINGS:
+        raise UserError(f"unknown VAE tiling {name!r}; use one of {', '.join(TILINGS)}")
+    return TILINGS[name]

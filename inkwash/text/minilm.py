@@ -91,7 +91,7 @@ class MiniLMEncoder(TextEncoder):
             prompts, padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(device)
         hidden = self.model(**enc).last_hidden_state  # [B, L, 384]
-        mask = enc["attention_mask"].bool()  # [B, L]
+        mask = enc["attention_mask"].to(hidden.device).bool()  # [B, L]; hidden's device under sequential offload
         tokens = hidden * mask.unsqueeze(-1)
         return TextEmbedding(tokens, mask, mean_pool(hidden, mask))
 

@@ -1,0 +1,1 @@
+"""Speed and memory: step caching, quantization, offloading, compile, export (Denoiser wrappers and placements)."""
