@@ -79,13 +79,14 @@ def test_fp8_layers_compute_with_their_dequantized_weight_and_keep_no_copy():
     ref = model(x)
     conv_w, lin_w = model[0].weight.detach().clone(), model[2].weight.detach().clone()
     assert fp8_weights(model) == 2
-    assert "weight" not in dict(model.named_parameters()) and not hasattr(model[0], "weight")
+    assert "weight" not in dict(model.named_parameters()) and model[0].weight.device.type == "meta"
     assert model[3].weight.dtype == torch.float32  # the norm is not converted
     deq = [m.weight_fp8.float() * m.weight_scale for m in (model[0], model[2])]
     want = model[3](F.linear(F.conv2d(x, deq[0], model[0].bias, padding=1).flatten(1), deq[1], model[2].bias))
     out = model(x)
     assert torch.equal(out, want)
-    assert not hasattr(model[0], "weight") and not hasattr(model[2], "weight")  # the upcast copy is dropped
+    assert model[0].weight.is_meta and model[2].weight.is_meta  # the upcast copy is dropped
+    assert model[2].weight.dtype == torch.float32 and model[2].weight.shape == lin_w.shape  # a placeholder
     torch.testing.assert_close(out, ref, atol=0.1, rtol=0.1)
     assert (deq[0] - conv_w).abs().max() < conv_w.abs().max() / 16 and (deq[1] - lin_w).abs().max() < lin_w.abs().max()
     assert weight_bytes(model) < weight_bytes(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Linear(8 * 16, 5))) / 3
@@ -314,3 +315,47 @@ def test_cast_storage_keeps_integer_buffers():
     m.register_buffer("ids", torch.arange(3))
     cast_storage(m, "bf16")
     assert m.lin.weight.dtype == torch.bfloat16 and m.ids.dtype == torch.int64
+
+
+# --- benchmarks/bench_memory.py: the meta-device tracer --------------------------------------------------------
+
+
+def _bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_memory.py"
+    spec = importlib.util.spec_from_file_location("bench_memory", path)
+    module = sys.modules.setdefault("bench_memory", importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_meta_tracer_counts_live_storages_at_their_peak():
+    bench = _bench()
+    with torch.no_grad(), bench.LivePeak() as peak:
+        a = torch.zeros(1000, device="meta")  # 4,000 bytes
+        b = a * 2  # 8,000 live
+        del a
+        c = b.view(10, 100).t()  # a view: nothing new
+        d = c + 1  # 8,000 live again (b, d)
+        del b, c, d
+        e = torch.zeros(500, dtype=torch.bfloat16, device="meta")  # 1,000
+        e.add_(1)  # in place: nothing new
+    assert peak.peak == 8000 and sum(n for _, n in peak.refs.values()) == 1000
+    q = torch.zeros(2, 4, 64, 8, device="meta")
+    with bench.fused_attention(), bench.LivePeak() as fused:
+        F.scaled_dot_product_attention(q, q, q)
+    with bench.LivePeak() as math:  # the meta device's own path stores the 64 x 64 scores
+        F.scaled_dot_product_attention(q, q, q)
+    assert fused.peak == q.numel() * 4 < 2 * 4 * 64 * 64 * 4 <= math.peak
+
+
+def test_estimates_of_a_tiny_family_add_up():
+    bench = _bench()
+    fam = bench.Family("mmdit-tiny", "vae-shapes-f4", (), 32, 8)
+    rows = {(r["dtype"], r["offload"], r["tile"]): r for r in bench.estimate(fam)}
+    full, bf16 = rows[("fp32", "none", None)], rows[("bf16", "none", None)]
+    assert bf16["weights"] * 2 == full["weights"] and full["peak"] == full["weights"] + full["activations"]
+    assert rows[("bf16", "model", None)]["resident"] < bf16["weights"]
+    assert rows[("bf16", "sequential", None)]["resident"] < rows[("bf16", "model", None)]["resident"]

@@ -74,13 +74,20 @@ def _fp8_upcast(module: nn.Module, args) -> None:
 
 
 def _fp8_drop(module: nn.Module, args, output) -> None:
-    del module.weight
+    module.weight = _placeholder(module.weight_fp8)
+
+
+def _placeholder(q: torch.Tensor) -> torch.Tensor:
+    """What `weight` is between forwards: a meta tensor of the weight's shape in fp32, so code that reads a layer's
+    weight dtype from outside it (transformers' T5 does) sees the precision the layer computes in, and code that
+    reads its values fails loudly instead of using fp8 numbers unscaled."""
+    return torch.empty((), dtype=torch.float32, device="meta").expand(q.shape)  # no storage of that size, even on meta
 
 
 def fp8_weights(module: nn.Module, scale: str = "channel") -> int:
     """Store every Linear and Conv2d weight in `module` as float8_e4m3fn with a float32 scale (buffers
-    `weight_fp8`, `weight_scale`), upcast at each use. Biases and all other tensors stay as they are.
-    Returns the number of layers converted."""
+    `weight_fp8`, `weight_scale`), upcast at each use; between uses `weight` is a meta placeholder. Biases and all
+    other tensors stay as they are. Returns the number of layers converted."""
     n = 0
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)) and isinstance(m._parameters.get("weight"), torch.Tensor):
@@ -88,6 +95,7 @@ def fp8_weights(module: nn.Module, scale: str = "channel") -> int:
             del m._parameters["weight"]
             m.register_buffer("weight_fp8", q)
             m.register_buffer("weight_scale", s)
+            m.weight = _placeholder(q)
             m.register_forward_pre_hook(_fp8_upcast)
             m.register_forward_hook(_fp8_drop)
             n += 1
