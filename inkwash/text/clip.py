@@ -199,5 +199,5 @@ class CLIPTextEncoder(TextEncoder):
         if r.layer != "last" and r.final_norm:
             tokens = text.final_layer_norm(tokens)
         pooled = out.text_embeds if r.projection else out.pooler_output
-        mask = torch.ones(ids.shape, dtype=torch.bool, device=device)
+        mask = torch.ones(ids.shape, dtype=torch.bool, device=tokens.device)  # the model's, offloaded or not
         return TextEmbedding(tokens, mask, pooled)
