@@ -219,6 +219,10 @@ def test_model_offload_release_and_remove():
     assert off.active == "a" and a.weight.device.type == "meta" and b.weight.device.type == "cpu"
     b(torch.zeros(1, 2, device="meta"))
     assert off.active == "b" and a.weight.device.type == "cpu"
+    c = nn.Linear(2, 2)
+    other = ModelOffload({"c": c}, "meta")  # another pipeline's (a refiner's) placement on the same device
+    c(torch.zeros(1, 2, device="meta"))
+    assert other.active == "c" and off.active is None and b.weight.device.type == "cpu"
     off.remove()
     assert off.active is None and b.weight.device.type == "cpu"
     a(torch.zeros(1, 2))  # no hooks left

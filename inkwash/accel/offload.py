@@ -19,6 +19,7 @@ noise, samplers or file formats; which modules make up a component is the caller
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -157,10 +158,14 @@ def _to_storage(modules: Iterable[nn.Module], storage: torch.device) -> None:
             m.to(storage)
 
 
+_MODEL_OFFLOADS: weakref.WeakSet = weakref.WeakSet()  # every live ModelOffload: one resident component per device
+
+
 class ModelOffload:
     """Each named component on the execution device only while it is in use (diffusers' model CPU offload).
 
-    The first call of any module of a component loads that whole component and unloads the one loaded before."""
+    The first call of any module of a component loads that whole component and unloads the one loaded before, in
+    this placement or any other on the same device (a base model and its refiner)."""
 
     def __init__(self, components: dict[str, nn.Module], device: str | torch.device,
                  storage: str | torch.device = "cpu"):  # fmt: skip
@@ -168,6 +173,7 @@ class ModelOffload:
         _to_storage(components.values(), self.storage)
         self.components = {name: [_Resident(m) for m in _owners(c)] for name, c in components.items()}
         self.active: str | None = None
+        _MODEL_OFFLOADS.add(self)
         self.handles = []
         for name, c in components.items():
             for m in c.modules():
@@ -177,7 +183,9 @@ class ModelOffload:
         """Load component `name` onto the execution device (and unload the resident one)."""
         if self.active == name:
             return
-        self.release()
+        for other in list(_MODEL_OFFLOADS):
+            if other.device == self.device:
+                other.release()
         for r in self.components[name]:
             r.load(self.device)
         self.active = name
