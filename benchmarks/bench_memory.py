@@ -52,7 +52,9 @@ def text_encoder(name: str) -> nn.Module:
     import transformers as tf
 
     if name == "clip-l":  # 123,060,480 parameters
-        return tf.CLIPTextModel(tf.CLIPTextConfig(hidden_act="quick_gelu"))
+        cfg = tf.CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                                projection_dim=768, hidden_act="quick_gelu")  # fmt: skip
+        return tf.CLIPTextModel(cfg)
     if name == "clip-g":  # 694,659,840
         cfg = tf.CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
                                 projection_dim=1280, hidden_act="gelu")  # fmt: skip

@@ -363,3 +363,33 @@ def test_estimates_of_a_tiny_family_add_up():
     assert bf16["weights"] * 2 == full["weights"] and full["peak"] == full["weights"] + full["activations"]
     assert rows[("bf16", "model", None)]["resident"] < bf16["weights"]
     assert rows[("bf16", "sequential", None)]["resident"] < rows[("bf16", "model", None)]["resident"]
+
+
+@pytest.mark.parametrize("preset", ["unet-tiny", "dit-tiny", "pixart-tiny", "mmdit-tiny", "vae-shapes-f4"])
+@pytest.mark.parametrize("mode", ["model", "sequential"])
+def test_every_architecture_runs_offloaded_to_another_device(preset, mode):
+    """No network reads a weight outside the module that owns it, or makes tensors on its weights' device: run on
+    the meta device from CPU weights, any such read would mix devices and fail."""
+    from inkwash.pipeline import example_inputs
+
+    cfg = get_preset(preset)
+    net = build_model(cfg).eval()
+    fp8_weights(net)  # and the fp8 upcast happens on the device too
+    place = ModelOffload({"net": net}, "meta") if mode == "model" else SequentialOffload([net], "meta")
+    with torch.no_grad():
+        if preset.startswith("vae"):
+            out = net.decode_latent(torch.zeros(1, cfg.latent_channels, 8, 8, device="meta"))
+        else:
+            out = net(**example_inputs(cfg, getattr(cfg, "sample_size", 0) or 8, device="meta"))
+    assert out.device.type == "meta"
+    place.release()
+    assert {t.device.type for t in [*net.parameters(), *net.buffers()]} == {"cpu"}
+
+
+def test_the_benchmark_builds_the_published_sizes():
+    bench = _bench()
+    with torch.device("meta"):
+        counts = {n: sum(p.numel() for p in bench.text_encoder(n).parameters()) for n in ("clip-l", "clip-g", "t5-xxl")}
+        sdxl = sum(p.numel() for p in build_model(bench.SDXL_BASE_UNET).parameters())
+    assert counts == {"clip-l": 123_060_480, "clip-g": 694_659_840, "t5-xxl": 4_762_310_656}
+    assert sdxl == 2_567_463_684
