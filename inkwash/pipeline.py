@@ -352,7 +352,8 @@ class Pipeline:
         it) or "fp8" (the text encoder's and denoiser's Linear and Conv2d weights in float8_e4m3fn with a scale per
         output channel, upcast layer by layer at use; the VAE keeps its precision). `offload_mode`: "model" (each
         component on `device` only while used), "sequential" (each submodule's weights only for its forward) or
-        "none". `vae_tile`: decode latents in overlapping tiles of this side. Storage is set once per pipeline."""
+        "none". `vae_tile`: decode latents in overlapping tiles of this side (None: untiled). Each call sets the
+        offload and the tiling anew; the storage dtype is set once per pipeline (None keeps it)."""
         device = torch.device(device) if device is not None else self.device
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UserError(f"device {device} was asked for, but this PyTorch sees no CUDA GPU; use --device cpu")
