@@ -74,6 +74,18 @@ def check_precisions(dtype: str, precision: str) -> None:
         raise UserError("fp16 weights compute in fp16: use --precision fp32 with --dtype fp16, or --dtype bf16")
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """The device, if this PyTorch can put a tensor on it; one sentence otherwise."""
+    if isinstance(device, str) and device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {device} was asked for, but this PyTorch sees no CUDA GPU; use --device cpu")
+    try:
+        device = torch.device(device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise UserError(f"device {device} is not available here ({str(e).splitlines()[0]}); use --device cpu") from None
+    return device
+
+
 def autocast_for(precision: str, device: torch.device):
     """A context factory: bf16 autocast where the device does bf16, fp32 otherwise (announced, not silent)."""
     if precision not in PRECISIONS:
@@ -354,9 +366,7 @@ class Pipeline:
         component on `device` only while used), "sequential" (each submodule's weights only for its forward) or
         "none". `vae_tile`: decode latents in overlapping tiles of this side (None: untiled). Each call sets the
         offload and the tiling anew; the storage dtype is set once per pipeline (None keeps it)."""
-        device = torch.device(device) if device is not None else self.device
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"device {device} was asked for, but this PyTorch sees no CUDA GPU; use --device cpu")
+        device = check_device(device) if device is not None else self.device
         check_offload(offload_mode)
         if vae_tile is not None and (not isinstance(vae_tile, int) or vae_tile < 1):
             raise UserError(f"the VAE tile is a side in latent positions, a positive whole number; got {vae_tile}")

@@ -311,6 +311,8 @@ def test_cli_generates_with_memory_options(tmp_path, lively_model_file, capsys):
     if not torch.cuda.is_available():
         assert main([*base, "--device", "cuda"]) == 2
         assert "no CUDA GPU" in capsys.readouterr().err
+    assert main([*base, "--device", "tpu9"]) == 2
+    assert "is not available here" in capsys.readouterr().err
 
 
 def test_cast_storage_keeps_integer_buffers():
