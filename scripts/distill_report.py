@@ -6,7 +6,9 @@ markdown table with the compute each distillation took, and a plot (Pillow only)
         --steps 1 2 4 8 --workers 2 --plot docs/distill-steps.png
 
 Each evaluation is `inkwash eval MODEL --steps N -o OUT/NAME-N` (resumable: finished ones are read back, an
-interrupted one continues). Students sample with their own defaults (sampler, guidance, schedule) and only the
+interrupted one continues). MODEL is the student trained for N steps (`inkwash.train.distill.student_for_steps`:
+progressive's stage-N student, reflow's student before its one-step stage for N > 1, else the run's student).
+Students sample with their own defaults (sampler, guidance, schedule) and only the
 step count changes; the teacher with its own defaults (sampler, CFG) at each of `--teacher-steps`.
 
 Compute of a distillation, in network forward passes per training image (a backward counts as two forwards, so a
@@ -28,6 +30,8 @@ import sys
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from inkwash.train.distill import student_for_steps
 
 ROOT = Path(__file__).resolve().parent.parent
 COLOURS = {"teacher": (0, 0, 0), "lcm": (31, 119, 180), "progressive": (255, 127, 14), "reflow": (44, 160, 44)}
@@ -151,8 +155,9 @@ def main() -> None:
         run = Path(folder)
         cost = costs[name] = distill_cost(run, macs)
         text = f"{cost['tmac']:.1f} T MACs, {cost['steps']} steps × {cost['batch']}, {cost['train_s'] / 60:.0f} min"
-        series[name] = [(n, evaluate(run / "model.safetensors", n, a.out / f"{name}-{n}", a.workers, a.fid, a.limit))
-                        for n in a.steps]  # fmt: skip
+        method = json.loads((run / "distill.json").read_text())["method"]
+        models = {n: student_for_steps(run, method, n)[1] for n in a.steps}  # progressive: each stage's student
+        series[name] = [(n, evaluate(models[n], n, a.out / f"{name}-{n}", a.workers, a.fid, a.limit)) for n in a.steps]
         lines += [row(name, r, n, text) for n, r in series[name]]
     report = "\n".join(lines) + "\n"
     (a.out / "report.md").write_text(report)

@@ -222,6 +222,21 @@ def test_reflow_pairs_are_the_teachers_ode_from_the_stored_noise(tmp_path, teach
 # ---------------------------------------------------------------------------- the gate, the CLI, errors
 
 
+def test_each_step_count_is_sampled_by_the_student_trained_for_it(tmp_path):
+    run = tmp_path / "run"
+    for stage in ("stage-004", "stage-002", "stage-001", "reflow"):
+        (run / stage).mkdir(parents=True)
+        (run / stage / "model.safetensors").write_bytes(b"")
+    final = run / "model.safetensors"
+    assert D.student_for_steps(run, "progressive", 2) == ("stage-002", run / "stage-002" / "model.safetensors")
+    assert D.student_for_steps(run, "progressive", 8) == ("student", final)  # no 8-step stage in this run
+    assert D.student_for_steps(run, "lcm", 2) == ("student", final)
+    assert D.student_for_steps(run, "reflow", 2) == ("student", final)  # no one-step stage: the reflowed student
+    (run / "onestep").mkdir()
+    assert D.student_for_steps(run, "reflow", 1) == ("student", final)  # the one-step student
+    assert D.student_for_steps(run, "reflow", 4) == ("reflow", run / "reflow" / "model.safetensors")
+
+
 def test_gate_writes_its_table(tmp_path, teacher, capsys):
     s = spec(tmp_path, teacher, "lcm", gate_limit=1, gate_steps=(1, 2))
     report = D.gate(teacher, teacher, s)

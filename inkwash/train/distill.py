@@ -587,10 +587,25 @@ def _reflow_pairs(spec: DistillConfig, teacher: Pipeline, cfg: TrainConfig, stag
 # ---------------------------------------------------------------------------- the evaluation gate
 
 
+def student_for_steps(run: Path, method: str, steps: int) -> tuple[str, Path]:
+    """(name, file) of the student a run trained for sampling in `steps` steps: progressive's stage-N student
+    where that stage exists (each halving's student is made for its own step count, as Salimans & Ho report
+    them), reflow's student before the one-step stage for more than one step; otherwise the run's student."""
+    run = Path(run)
+    stage = run / f"stage-{steps:03d}" / MODEL_FILE
+    if method == "progressive" and stage.is_file():
+        return f"stage-{steps:03d}", stage
+    reflowed = run / "reflow" / MODEL_FILE
+    if method == "reflow" and steps > 1 and (run / "onestep").is_dir() and reflowed.is_file():
+        return "reflow", reflowed
+    return "student", run / MODEL_FILE
+
+
 def gate(student: Path, teacher: Path, spec: DistillConfig, device: torch.device | str = "cpu",
          progress: bool = False) -> dict:  # fmt: skip
     """ShapesEval (gate_limit prompts per task, one image each) and FID (gate_fid images) of the student at each
-    of gate_steps next to the teacher at its own setting; written as gate.json and gate.md, printed as a table."""
+    of gate_steps (`student_for_steps`: progressive's stage students at their own steps) next to the teacher at its
+    own setting; written as gate.json and gate.md, printed as a table."""
     from inkwash.eval.runner import EvalConfig, evaluate
     from inkwash.pipeline import load
 
@@ -599,10 +614,12 @@ def gate(student: Path, teacher: Path, spec: DistillConfig, device: torch.device
     common = dict(per_prompt=1, limit=spec.gate_limit, fid_images=spec.gate_fid, seed=seed)
     rows = []
     runs = [("teacher", load(teacher, device), None)]
-    runs += [("student", load(student, device), n) for n in spec.gate_steps]
+    for n in spec.gate_steps:
+        name, path = student_for_steps(student.parent, spec.method, n)
+        runs.append((name, load(student if name == "student" else path, device), n))
     for name, pipe, steps in runs:
         s = pipe.settings(steps=steps)
-        folder = out / (name if steps is None else f"{name}-{steps}")
+        folder = out / (name if steps is None else f"student-{steps}")
         if folder.exists():
             shutil.rmtree(folder)  # a gate always measures the current files
         result = evaluate(pipe, folder, EvalConfig(steps=steps, **common), progress=progress, report=False)
