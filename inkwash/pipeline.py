@@ -337,7 +337,8 @@ class Pipeline:
         if self.dtype == "fp8" or self.placement is not None:
             raise UserError("merge LoRAs before storing the weights in fp8 or offloading them (add_lora, then "
                             "set_memory)")  # fmt: skip
-        encoders = getattr(self.encoder, "encoders", [self.encoder])  # two or more combined: text_encoder, _2, ...
+        encoder = self.encoder  # two or more combined (SDXL, FLUX, SD3): text_encoder, text_encoder_2, ...
+        encoders = getattr(encoder, "towers", None) or getattr(encoder, "encoders", [encoder])
         hf = [getattr(e, "model", None) for e in encoders]
         parts = {f"text_encoder{'' if i == 0 else f'_{i + 1}'}": m for i, m in enumerate(hf) if m is not None}
         return load_lora(path, {"net": self.net, **parts}).merge(scale)

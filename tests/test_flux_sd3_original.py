@@ -255,3 +255,163 @@ def test_full_size_key_lists_are_fully_mapped(name, tensors, count):
     model = flux_from_original(sd) if name == "flux-dev" else sd3_from_original(sd)
     assert model.cfg == PRESETS[name]
     assert sum(p.numel() for p in model.parameters()) == count
+
+
+# ---------------------------------------------------------------------------- whole files: family, text, generate
+
+
+def _clip_model(hidden: int, projection: int, seed: int, with_projection: bool):
+    import transformers
+    from sd_tiny import BOS, EOS, VOCAB
+
+    cfg = transformers.CLIPTextConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                                      num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                                      projection_dim=projection, bos_token_id=BOS, eos_token_id=EOS,
+                                      pad_token_id=EOS)  # fmt: skip
+    torch.manual_seed(seed)
+    cls = transformers.CLIPTextModelWithProjection if with_projection else transformers.CLIPTextModel
+    return cls(cfg).eval()
+
+
+def _t5_model(d_model: int, seed: int):
+    import transformers
+
+    cfg = transformers.T5Config(vocab_size=32, d_model=d_model, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+                                relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                decoder_start_token_id=0)  # fmt: skip
+    torch.manual_seed(seed)
+    return transformers.T5EncoderModel(cfg).eval()
+
+
+def _t5_tokenizer(folder):
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in "abcdefghijklmnopqrstuvwxyz▁"]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    t = transformers.T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                                     extra_ids=0)  # fmt: skip
+    t.save_pretrained(folder)
+    return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def _parts(folder, sd3: bool, seed: int = 10):
+    """A folder in the diffusers repository layout with tiny towers (and, for FLUX, an autoencoder)."""
+    from sd_tiny import write_tokenizer
+
+    from inkwash.text.clip import load_tokenizer
+
+    towers = [_clip_model(8, 6, seed, True), _clip_model(8, 6, seed + 1, True)] if sd3 else [
+        _clip_model(12, 12, seed, False)]  # fmt: skip
+    towers.append(_t5_model(24, seed + 2))
+    toks = []
+    for i, model in enumerate(towers):
+        suffix = "" if i == 0 else f"_{i + 1}"
+        model.save_pretrained(folder / f"text_encoder{suffix}")
+        if i == len(towers) - 1:
+            toks.append(_t5_tokenizer(folder / f"tokenizer{suffix}"))
+        else:
+            toks.append(load_tokenizer(write_tokenizer(folder / f"tokenizer{suffix}")))
+            toks[-1].model_max_length = 77  # as the published tokenizer_config.json files say
+    if not sd3:
+        vae = diffusers_vae()
+        vae.save_pretrained(folder / "vae")
+    return towers, toks
+
+
+def diffusers_vae():
+    import diffusers
+
+    torch.manual_seed(3)
+    return diffusers.AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
+                                   norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
+                                   down_block_types=("DownEncoderBlock2D",) * 2,
+                                   up_block_types=("UpDecoderBlock2D",) * 2).eval()  # fmt: skip
+
+
+PROMPTS = ["a red circle", "blue"]
+
+
+@pytest.mark.parametrize("guidance", [True, False])
+def test_flux_file_loads_with_family_defaults_and_generates(tmp_path, guidance, capsys):
+    pytest.importorskip("diffusers")
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from inkwash.cli import main
+    from inkwash.formats import single_file
+
+    c = FLUX_TINY  # one 128-wide head, so FLUX.1's RoPE split (16, 56, 56) applies
+    schema = flux_schema(128, 1, 1, 1, c_in=c.in_channels * 4, context=c.context_dim, y=c.y_dim, guidance=guidance)
+    path = tmp_path / "flux1.safetensors"
+    save_file(_random(schema), path)
+    with pytest.raises(UserError, match=r"needs its text encoders .* text_encoder/ and tokenizer/ \(clip-l\), "
+                                        r"text_encoder_2/ and tokenizer_2/ \(t5\)"):  # fmt: skip
+        single_file.load(path)
+    _parts(tmp_path, sd3=False)  # beside the model file: found without an option
+    loaded = single_file.load(path)
+    name = "flux-dev" if guidance else "flux-schnell"
+    assert loaded.family == name and loaded.net.cfg.axes_dim == (16, 56, 56) and loaded.prediction == "flow"
+    steps, g = (28, 3.5) if guidance else (4, 1.0)
+    assert loaded.sampling == {"sampler": "euler", "steps": steps, "guidance": g}
+    assert loaded.process.dynamic_shift == guidance and loaded.process.shift == 1.0
+    assert main(["generate", "a red circle", "--model", str(path), "--size", "16", "--steps", "2",
+                 "-o", str(tmp_path / "out.png")]) == 0, capsys.readouterr().err  # fmt: skip
+    params = Image.open(tmp_path / "out.png").text["parameters"]
+    assert "Steps: 2" in params and ("Distilled CFG Scale: 3.5" in params) == guidance
+
+
+def test_flux_text_conditioning_matches_diffusers(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+
+    from inkwash.formats import mmdit_files
+
+    towers, toks = _parts(tmp_path, sd3=False)
+    for name, length in [("flux-dev", 512), ("flux-schnell", 256)]:
+        encoder = mmdit_files.text_encoder(mmdit_files.FAMILIES[name], tmp_path, {})
+        pipe = diffusers.FluxPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=diffusers_vae(),
+                                      text_encoder=towers[0], tokenizer=toks[0], text_encoder_2=towers[1],
+                                      tokenizer_2=toks[1], transformer=None)  # fmt: skip
+        with torch.no_grad():
+            tokens, pooled, _ = pipe.encode_prompt(PROMPTS, None, max_sequence_length=length)
+            ours = encoder(PROMPTS)
+        assert ours.tokens.shape == (2, length, 24) and ours.pooled.shape == (2, 12)
+        assert tokens.abs().max() > 1e-2 and pooled.abs().max() > 1e-2
+        assert (ours.tokens - tokens).abs().max() < 1e-5 and (ours.pooled - pooled).abs().max() < 1e-5
+
+
+def test_sd3_file_with_text_encoders_inside_matches_diffusers_text(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    from safetensors.torch import save_file
+    from sd_tiny import ldm_vae_schema, random_tensors
+
+    from inkwash.formats import single_file
+    from inkwash.text.clip import load_tokenizer
+
+    _parts(tmp_path / "parts", sd3=True, seed=10)  # the folder's CLIPs differ from the file's (seed 20)
+    file_clips = [_clip_model(8, 6, 20, True), _clip_model(8, 6, 21, True)]
+    sd = {"model.diffusion_model." + k: v for k, v in _sd3_tiny_sd(True).items()}  # QK-norm: the heads are known
+    sd |= {"first_stage_model." + k: v for k, v in random_tensors(ldm_vae_schema((32, 32), 1, z=4)).items()}
+    for name, model in zip(("clip_l", "clip_g"), file_clips):
+        sd |= {f"text_encoders.{name}.transformer.{k}": v for k, v in model.state_dict().items()}
+    save_file(sd, tmp_path / "sd3.safetensors")
+    loaded = single_file.load(tmp_path / "sd3.safetensors", single_file.Options(text_encoders=tmp_path / "parts"))
+    assert loaded.family == "sd3" and loaded.sampling == {"sampler": "euler", "steps": 28, "guidance": 7.0}
+    assert loaded.process.shift == 3.0 and loaded.vae.cfg.scaling_factor == 1.5305
+    t5 = _t5_model(24, 12)
+    clip_l_tok, clip_g_tok = (load_tokenizer(tmp_path / "parts" / t) for t in ("tokenizer", "tokenizer_2"))
+    clip_l_tok.model_max_length = clip_g_tok.model_max_length = 77
+    clip_g_tok.pad_token = "!"  # SD3's tokenizer_2 pads with "!" (id 0)
+    pipe = diffusers.StableDiffusion3Pipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=diffusers_vae(), transformer=None,
+        text_encoder=file_clips[0], tokenizer=clip_l_tok,
+        text_encoder_2=file_clips[1], tokenizer_2=clip_g_tok, text_encoder_3=t5,
+        tokenizer_3=_t5_tokenizer(tmp_path / "t5tok"),
+    )  # fmt: skip
+    with torch.no_grad():
+        tokens, _, pooled, _ = pipe.encode_prompt(PROMPTS, None, None, do_classifier_free_guidance=False)
+        ours = loaded.encoder(PROMPTS)
+    assert ours.tokens.shape == tokens.shape == (2, 77 + 256, 24)
+    assert (ours.tokens - tokens).abs().max() < 1e-5 and (ours.pooled - pooled).abs().max() < 1e-5

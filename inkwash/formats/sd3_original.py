@@ -100,6 +100,8 @@ def sd3_config_from_original(sd: Mapping[str, torch.Tensor], num_heads: int | No
     qk_norm = "joint_blocks.0.x_block.attn.ln_q.weight" in sd
     if num_heads is None:
         head_dim = sd["joint_blocks.0.x_block.attn.ln_q.weight"].shape[0] if qk_norm else SD3_HEAD_DIM
+        if hidden % head_dim:
+            raise UserError(f"SD3 transformer {hidden} wide does not split into {head_dim}-wide heads: give num_heads")
         num_heads = hidden // head_dim
     table = _need(sd, "pos_embed").shape[1]
     side = math.isqrt(table)
