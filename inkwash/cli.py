@@ -17,7 +17,7 @@ from .errors import UserError
 def _generate(args) -> None:
     from .pipeline import load, save_png
 
-    opts = {"tokenizer": args.tokenizer, "prediction": args.prediction}
+    opts = {"tokenizer": args.tokenizer, "prediction": args.prediction, "text_encoders": args.text_encoders}
     memory = {"dtype": args.dtype, "offload_mode": args.offload, "vae_tile": args.vae_tiling, "device": args.device}
     pipe = load(args.model, **opts)
     for spec in args.lora or []:  # merged into fp32 weights, before they are stored in another dtype or offloaded
@@ -229,14 +229,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="?", default=None, help="what to draw (not for class-conditional models)")
     g.add_argument("--class-label", dest="class_label", type=int, default=None, metavar="N",
                    help="a class-conditional model's class (ImageNet DiT: 0..999); CFG: the null class")  # fmt: skip
-    g.add_argument("--model", default=None, help="an inkwash model file, a Stable Diffusion 1.x/2.x/SDXL .safetensors "
-                   "single file or a diffusers folder (default: the bundled Shapes model)")  # fmt: skip
+    g.add_argument("--model", default=None, help="an inkwash model file, a Stable Diffusion 1.x/2.x/XL, SD3 or FLUX.1 "
+                   ".safetensors single file or a diffusers folder (default: the bundled Shapes model)")  # fmt: skip
     g.add_argument("--tokenizer", default=None, metavar="FOLDER", help="for a single file: the CLIP tokenizer "
                    "folder (vocab.json, merges.txt); default $INKWASH_CLIP_TOKENIZER, else tokenizer/ beside "
                    "it")  # fmt: skip
     g.add_argument("--prediction", default=None, choices=("eps", "v"), help="for a single file: what the "
                    "network predicts, where the family's default is wrong (SD 2.x: v; its 512 px bases: "
                    "eps)")  # fmt: skip
+    g.add_argument("--text-encoders", dest="text_encoders", default=None, metavar="FOLDER", help="for a FLUX.1 or "
+                   "SD3 single file: a folder laid out like its diffusers repository (text_encoder*/, tokenizer*/, "
+                   "FLUX: vae/); default $INKWASH_TEXT_ENCODERS, else the file's folder")  # fmt: skip
     g.add_argument("--negative", default="", help="negative prompt")
     g.add_argument("--steps", type=int, default=None)
     g.add_argument("--sampler", default=None, help=f"one of: {', '.join(SAMPLERS)}")

@@ -281,15 +281,18 @@ class Pipeline:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, device: str | torch.device = "cpu", *,
-                  tokenizer: str | os.PathLike | None = None, prediction: str | None = None) -> Pipeline:  # fmt: skip
+                  tokenizer: str | os.PathLike | None = None, prediction: str | None = None,
+                  text_encoders: str | os.PathLike | None = None) -> Pipeline:  # fmt: skip
         """An inkwash model file, or a checkpoint made elsewhere (a Stable Diffusion / SDXL single file, a diffusers
         folder: see `formats.single_file`). `tokenizer` (a folder with vocab.json and merges.txt) and `prediction`
-        are for single files, which carry neither."""
+        are for single files, which carry neither; `text_encoders` (FLUX, SD3) is the folder their text encoders
+        come from (see `formats.mmdit_files`)."""
         path = Path(path)
         if not path.exists():
             raise UserError(f"model file {path} does not exist")
         if path.is_dir() or not is_inkwash_file(path):
-            return cls.from_loaded(single_file.load(path, single_file.Options(tokenizer, prediction)), path, device)
+            options = single_file.Options(tokenizer, prediction, text_encoders=text_encoders)
+            return cls.from_loaded(single_file.load(path, options), path, device)
         meta, tensors = load_model_file(path)
         try:
             model_cfg = config_from_dict(meta["model"])
@@ -712,7 +715,8 @@ def _vae_from(meta: dict, tensors: dict, path: Path) -> torch.nn.Module:
 
 def load(path_or_preset: str | os.PathLike | None = None, device: str | torch.device = "cpu", *,
          tokenizer: str | os.PathLike | None = None, prediction: str | None = None,
-         dtype: str = "fp32", offload: str = "none", vae_tile: int | None = None) -> Pipeline:  # fmt: skip
+         text_encoders: str | os.PathLike | None = None, dtype: str = "fp32", offload: str = "none",
+         vae_tile: int | None = None) -> Pipeline:  # fmt: skip
     """`inkwash.load()`: the bundled model; a path: an inkwash model file, a Stable Diffusion / SDXL single file or
     a diffusers folder (`tokenizer`, `prediction`: see `Pipeline.from_file`); a preset name: untrained weights.
     `dtype`, `offload` and `vae_tile` trade speed for memory (see `Pipeline.set_memory`)."""
@@ -723,7 +727,7 @@ def load(path_or_preset: str | os.PathLike | None = None, device: str | torch.de
     else:
         p = Path(path_or_preset)
         if p.exists() or p.suffix == ".safetensors" or os.sep in str(path_or_preset):
-            pipe = Pipeline.from_file(p, tokenizer=tokenizer, prediction=prediction)
+            pipe = Pipeline.from_file(p, tokenizer=tokenizer, prediction=prediction, text_encoders=text_encoders)
         else:
             pipe = Pipeline.from_preset(str(path_or_preset))
     return pipe.set_memory(dtype=dtype, offload_mode=offload, vae_tile=vae_tile, device=device)

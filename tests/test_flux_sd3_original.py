@@ -382,7 +382,7 @@ def test_flux_text_conditioning_matches_diffusers(tmp_path):
         assert (ours.tokens - tokens).abs().max() < 1e-5 and (ours.pooled - pooled).abs().max() < 1e-5
 
 
-def test_sd3_file_with_text_encoders_inside_matches_diffusers_text(tmp_path):
+def test_sd3_file_with_text_encoders_inside_matches_diffusers_text_and_generates(tmp_path, capsys):
     diffusers = pytest.importorskip("diffusers")
     from safetensors.torch import save_file
     from sd_tiny import ldm_vae_schema, random_tensors
@@ -415,3 +415,26 @@ def test_sd3_file_with_text_encoders_inside_matches_diffusers_text(tmp_path):
         ours = loaded.encoder(PROMPTS)
     assert ours.tokens.shape == tokens.shape == (2, 77 + 256, 24)
     assert (ours.tokens - tokens).abs().max() < 1e-5 and (ours.pooled - pooled).abs().max() < 1e-5
+    from safetensors.torch import save_file as save
+
+    from inkwash.cli import main
+
+    q = "text_encoder_3.encoder.block.0.layer.0.SelfAttention.q"  # a LoRA on SD3's T5, in the diffusers layout
+    save({f"{q}.lora_A.weight": torch.ones(2, 24), f"{q}.lora_B.weight": torch.ones(16, 2)}, tmp_path / "t5.sft")
+    argv = [
+        "generate",
+        "a red circle",
+        "--model",
+        str(tmp_path / "sd3.safetensors"),
+        "--text-encoders",
+        str(tmp_path / "parts"),
+        "--size",
+        "16",
+        "--steps",
+        "2",
+        "--lora",
+        str(tmp_path / "t5.sft"),
+    ]
+    assert main([*argv, "-o", str(tmp_path / "sd3.png")]) == 0
+    assert "modifying 1 weights of the text_encoder_3" in capsys.readouterr().err
+    assert (tmp_path / "sd3.png").is_file()

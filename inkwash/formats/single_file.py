@@ -38,6 +38,7 @@ class Options:
     tokenizer: str | os.PathLike | None = None  # folder with vocab.json + merges.txt
     prediction: str | None = None  # "eps" or "v": overrides the family's default (SD 2.x 512-base is eps)
     dtype: torch.dtype | None = None  # store the weights in this dtype (None: as the file has them)
+    text_encoders: str | os.PathLike | None = None  # FLUX / SD3: a folder in the diffusers repo layout (mmdit_files)
 
 
 @dataclass
@@ -362,6 +363,7 @@ def families() -> dict[str, Family]:
 
 
 _register_sd()
+from inkwash.formats import mmdit_files  # noqa: E402, F401 - appends FLUX.1 and SD3 single files to FORMATS
 
 
 def read_json(path: Path) -> Mapping:
