@@ -74,8 +74,9 @@ def identity_row_map(module: nn.Module) -> RowMap:
     return {name: [(name, None, None)] for name, _ in module.named_parameters()}
 
 
-def net_row_maps(net: nn.Module) -> dict[str, RowMap]:
-    """{scheme: RowMap} for an inkwash network: "diffusers" and, for an MMDiT, "original" (BFL / Stability)."""
+def net_row_maps(net: nn.Module, schemes: tuple[str, ...] = ("diffusers", "original")) -> dict[str, RowMap]:
+    """{scheme: RowMap} for an inkwash network, for the schemes asked: "diffusers" and, for an MMDiT, "original"
+    (BFL / Stability names). A U-Net has diffusers' names only (kohya's SD files use them too)."""
     from inkwash.models.mmdit import MMDiT
     from inkwash.models.unet import UNet
 
@@ -97,10 +98,12 @@ def net_row_maps(net: nn.Module) -> dict[str, RowMap]:
         else:
             to_d, from_d = dflux.sd3_state_dict_to_diffusers, dflux.sd3_state_dict_from_diffusers
             to_o, from_o = sd3_original.sd3_state_dict_to_original, sd3_original.sd3_state_dict_from_original
-        return {
-            "diffusers": probe_row_map(ours, lambda sd: to_d(sd, cfg), lambda sd: from_d(sd, cfg)),
-            "original": probe_row_map(ours, lambda sd: to_o(sd, cfg), lambda sd: from_o(sd, cfg)),
-        }
+        maps = {}
+        if "diffusers" in schemes:
+            maps["diffusers"] = probe_row_map(ours, lambda sd: to_d(sd, cfg), lambda sd: from_d(sd, cfg))
+        if "original" in schemes:
+            maps["original"] = probe_row_map(ours, lambda sd: to_o(sd, cfg), lambda sd: from_o(sd, cfg))
+        return maps
     raise UserError(f"LoRA is supported for U-Net and MMDiT networks, not {type(net).__name__}")
 
 
@@ -286,7 +289,10 @@ def resolve_lora(layers: list[_Layer], components: Mapping[str, nn.Module], sour
     """Attach each layer to the parameters it modifies. `components`: "net" (an inkwash U-Net or MMDiT) and
     "text_encoder", "text_encoder_2", ... (transformers modules, addressed by their own names). Unknown keys and
     layers that land nowhere, or do not fit, raise one UserError listing them."""
-    maps = {c: net_row_maps(m) if c == "net" else {"hf": identity_row_map(m)} for c, m in components.items()}
+    # kohya names FLUX / SD3 modules as the original files do, and SD U-Net modules as diffusers does
+    wanted = tuple({"kohya": "original", "original": "original"}.get(la.scheme, "diffusers")
+                   for la in layers if la.component == "net")  # fmt: skip
+    maps = {c: net_row_maps(m, wanted) if c == "net" else {"hf": identity_row_map(m)} for c, m in components.items()}
     kohya = {c: _kohya_index(m) for c, m in maps.items()}
     params = {c: dict(m.named_parameters()) for c, m in components.items()}
     resolved, unmatched = [], list(unknown or [])
