@@ -327,6 +327,7 @@ def diffusers_vae():
     torch.manual_seed(3)
     return diffusers.AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
                                    norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
+                                   scaling_factor=0.3611, shift_factor=0.1159,
                                    down_block_types=("DownEncoderBlock2D",) * 2,
                                    up_block_types=("UpDecoderBlock2D",) * 2).eval()  # fmt: skip
 
@@ -438,3 +439,55 @@ def test_sd3_file_with_text_encoders_inside_matches_diffusers_text_and_generates
     assert main([*argv, "-o", str(tmp_path / "sd3.png")]) == 0
     assert "modifying 1 weights of the text_encoder_3" in capsys.readouterr().err
     assert (tmp_path / "sd3.png").is_file()
+
+
+@pytest.mark.parametrize("guidance", [False, True])
+def test_flux_file_generates_what_diffusers_flux_pipeline_generates(tmp_path, guidance):
+    """End to end: a tiny FLUX.1 file + its parts folder through `inkwash.load(...).generate` and, independently,
+    through diffusers' FluxPipeline (transformer from diffusers' single-file converter, the same noise): the same
+    images within 1e-4."""
+    diffusers = pytest.importorskip("diffusers")
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+    import inkwash
+    from inkwash.text.clip import load_tokenizer
+
+    c = FLUX_TINY
+    original = _random(flux_schema(128, 1, 1, 1, c_in=c.in_channels * 4, context=c.context_dim, y=c.y_dim,
+                                   guidance=guidance), seed=5)  # fmt: skip
+    save_file(original, tmp_path / "flux1.safetensors")
+    _parts(tmp_path, sd3=False)
+    pipe = inkwash.load(tmp_path / "flux1.safetensors")
+    ours = pipe.generate(PROMPTS, seed=7, size=16, steps=3)  # [-1, 1]
+
+    theirs_net = diffusers.FluxTransformer2DModel(**flux_config_to_diffusers(pipe.net.cfg)).eval()
+    theirs_net.load_state_dict(_diffusers_flux_converter()(dict(original)), strict=True)
+    tok = load_tokenizer(tmp_path / "tokenizer")
+    tok.model_max_length = 77
+    shift = dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                 max_image_seq_len=4096) if guidance else dict(shift=1.0, use_dynamic_shifting=False)  # fmt: skip
+    reference = diffusers.FluxPipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**shift),
+        vae=diffusers.AutoencoderKL.from_pretrained(tmp_path / "vae").eval(),
+        text_encoder=CLIPTextModel.from_pretrained(tmp_path / "text_encoder").eval(), tokenizer=tok,
+        text_encoder_2=T5EncoderModel.from_pretrained(tmp_path / "text_encoder_2").eval(),
+        tokenizer_2=AutoTokenizer.from_pretrained(tmp_path / "tokenizer_2"), transformer=theirs_net,
+    )  # fmt: skip
+    noise = torch.cat([torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(s)) for s in (7, 8)])
+    from test_flux_sd3_original import _pack  # FluxPipeline takes packed latents
+
+    with torch.no_grad():
+        ref = reference(
+            PROMPTS,
+            height=16,
+            width=16,
+            num_inference_steps=3,
+            guidance_scale=3.5 if guidance else 0.0,
+            latents=_pack(noise),
+            max_sequence_length=512 if guidance else 256,
+            output_type="pt",
+        ).images  # fmt: skip  [0, 1]
+    diff = ((ours + 1) / 2 - ref).abs().max().item()
+    print(f"FLUX {'dev' if guidance else 'schnell'} file end to end vs FluxPipeline: max abs diff {diff:.3g}")
+    assert ref.std() > 1e-2 and diff < 1e-4
