@@ -399,7 +399,8 @@ def test_sd3_file_with_text_encoders_inside_matches_diffusers_text_and_generates
         sd |= {f"text_encoders.{name}.transformer.{k}": v for k, v in model.state_dict().items()}
     save_file(sd, tmp_path / "sd3.safetensors")
     loaded = single_file.load(tmp_path / "sd3.safetensors", single_file.Options(text_encoders=tmp_path / "parts"))
-    assert loaded.family == "sd3" and loaded.sampling == {"sampler": "euler", "steps": 28, "guidance": 7.0}
+    assert loaded.family == "sd3" and loaded.sampling == {"sampler": "euler", "steps": 28, "guidance": 7.0,
+                                                          "schedule": "sd3"}  # fmt: skip
     assert loaded.process.shift == 3.0 and loaded.vae.cfg.scaling_factor == 1.5305
     t5 = _t5_model(24, 12)
     clip_l_tok, clip_g_tok = (load_tokenizer(tmp_path / "parts" / t) for t in ("tokenizer", "tokenizer_2"))
@@ -491,3 +492,58 @@ def test_flux_file_generates_what_diffusers_flux_pipeline_generates(tmp_path, gu
     diff = ((ours + 1) / 2 - ref).abs().max().item()
     print(f"FLUX {'dev' if guidance else 'schnell'} file end to end vs FluxPipeline: max abs diff {diff:.3g}")
     assert ref.std() > 1e-2 and diff < 1e-4
+
+
+def test_sd3_file_generates_what_diffusers_sd3_pipeline_generates(tmp_path):
+    """End to end with classifier-free guidance: a tiny SD3 file (transformer only) + parts folder (CLIP-L, CLIP-G,
+    T5, autoencoder) through `inkwash.load(...).generate` and through diffusers' StableDiffusion3Pipeline
+    (transformer from diffusers' single-file converter, the same noise): the same images within 1e-4."""
+    diffusers = pytest.importorskip("diffusers")
+    sfu = pytest.importorskip("diffusers.loaders.single_file_utils")
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+
+    import inkwash
+    from inkwash.text.clip import load_tokenizer
+
+    original = _sd3_tiny_sd(True)
+    save_file({"model.diffusion_model." + k: v for k, v in original.items()}, tmp_path / "sd3.safetensors")
+    _parts(tmp_path, sd3=True)
+    diffusers_vae().save_pretrained(tmp_path / "vae")
+    pipe = inkwash.load(tmp_path / "sd3.safetensors")
+    assert pipe.sampling.guidance == 7.0
+    ours = pipe.generate(PROMPTS, seed=3, size=16, steps=3, negative_prompt="blue")
+
+    theirs_net = diffusers.SD3Transformer2DModel(**sd3_config_to_diffusers(pipe.net.cfg, sample_size=8)).eval()
+    theirs_net.load_state_dict(sfu.convert_sd3_transformer_checkpoint_to_diffusers(dict(original)), strict=True)
+    toks = [load_tokenizer(tmp_path / t) for t in ("tokenizer", "tokenizer_2")]
+    toks[0].model_max_length = toks[1].model_max_length = 77
+    toks[1].pad_token = "!"
+    reference = diffusers.StableDiffusion3Pipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=diffusers.AutoencoderKL.from_pretrained(tmp_path / "vae").eval(), transformer=theirs_net,
+        text_encoder=CLIPTextModelWithProjection.from_pretrained(tmp_path / "text_encoder").eval(),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(tmp_path / "text_encoder_2").eval(),
+        text_encoder_3=T5EncoderModel.from_pretrained(tmp_path / "text_encoder_3").eval(),
+        tokenizer=toks[0], tokenizer_2=toks[1], tokenizer_3=AutoTokenizer.from_pretrained(tmp_path / "tokenizer_3"),
+    )  # fmt: skip
+    noise = torch.cat([torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(s)) for s in (3, 4)])
+    with torch.no_grad():
+        ref = reference(PROMPTS, negative_prompt="blue", height=16, width=16, num_inference_steps=3,
+                        guidance_scale=7.0, latents=noise, output_type="pt").images  # fmt: skip
+    diff = ((ours + 1) / 2 - ref).abs().max().item()
+    print(f"SD3 file end to end vs StableDiffusion3Pipeline (CFG 7): max abs diff {diff:.3g}")
+    assert ref.std() > 1e-2 and diff < 1e-4
+
+
+@pytest.mark.parametrize("steps", [1, 4, 28])
+def test_sd3_schedule_is_diffusers_sd3_spacing(steps):
+    diffusers = pytest.importorskip("diffusers")
+    from inkwash.diffusion import Flow
+    from inkwash.sampling import make_times
+
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)  # SD3's scheduler_config.json
+    sched.set_timesteps(steps)
+    torch.testing.assert_close(make_times(Flow(shift=3.0), steps, "sd3").float(), sched.sigmas, atol=1e-6, rtol=0)
+    with pytest.raises(UserError, match="static shift"):
+        make_times(Flow(dynamic_shift=True), steps, "sd3")

@@ -49,7 +49,7 @@ FAMILIES = {
                             {"sampler": "euler", "steps": 28, "guidance": 3.5}, _FLUX_TOWERS, 512,
                             (0.3611, 0.1159), "black-forest-labs/FLUX.1-dev"),
     "sd3": MMDiTFamily("sd3", "Stable Diffusion 3", Flow(shift=3.0),
-                       {"sampler": "euler", "steps": 28, "guidance": 7.0},
+                       {"sampler": "euler", "steps": 28, "guidance": 7.0, "schedule": "sd3"},
                        (("text_encoder", "tokenizer", "clip-l", "clip_l"),
                         ("text_encoder_2", "tokenizer_2", "clip-g", "clip_g"),
                         ("text_encoder_3", "tokenizer_3", "t5", "t5xxl")), 256,

@@ -13,7 +13,7 @@ import torch
 from ..diffusion.process import EDM, VP, Flow, Process, shift_time
 from ..errors import UserError
 
-SCHEDULES = ("leading", "trailing", "linspace", "karras", "exponential", "shift", "lcm")
+SCHEDULES = ("leading", "trailing", "linspace", "karras", "exponential", "shift", "sd3", "lcm")
 
 
 def _finish(process: Process, t: torch.Tensor) -> torch.Tensor:
@@ -84,6 +84,14 @@ def shift(process: Process, steps: int, seq_len: int | None = None, t_last: floa
     return _finish(process, shift_time(t, process.shift_for(seq_len)))
 
 
+def sd3(process: Process, steps: int, n_train: int = 1000) -> torch.Tensor:
+    """SD3's reference spacing (Stability's sd3_impl, diffusers' FlowMatchEulerDiscreteScheduler): linspace from 1
+    to the shifted first of `n_train` training times, shifted (again), then the clean end."""
+    if not isinstance(process, Flow) or process.dynamic_shift:
+        raise UserError("the 'sd3' schedule is for flow models with a static shift; try 'shift'")
+    return shift(process, steps, t_last=float(shift_time(1.0 / n_train, process.shift)))
+
+
 def lcm(process: Process, steps: int, original_steps: int = 50) -> torch.Tensor:
     """LCM's skipping-step grid (Luo et al. 2023): `steps` picks from the `original_steps` distillation grid."""
     vp = _need_vp(process, "lcm")
@@ -102,6 +110,7 @@ GRIDS = {
     "karras": karras,
     "exponential": exponential,
     "shift": shift,
+    "sd3": sd3,
     "lcm": lcm,
 }
 
