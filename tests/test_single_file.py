@@ -197,3 +197,22 @@ def test_folder_errors(tmp_path):
     (tmp_path / "flux" / "model_index.json").write_text('{"_class_name": "SomeOtherPipeline"}')
     with pytest.raises(UserError, match="SomeOtherPipeline folder; inkwash loads"):
         inkwash.load(tmp_path / "flux")
+
+
+def test_sd_folder_samples_as_diffusers_does(tmp_path, one_thread):
+    """The whole chain (text, guidance 7.5, DDIM with SD's leading spacing, U-Net) against diffusers'
+    StableDiffusionPipeline from the same starting latents. diffusers' DDIM is given set_alpha_to_one=True: with SD's
+    False its last step stops at timestep 0's noise level, where inkwash (like k-diffusion) ends at the clean image."""
+    diffusers = pytest.importorskip("diffusers")
+    theirs, folder = _tiny_pipeline("sd", tmp_path)
+    theirs.scheduler = diffusers.DDIMScheduler.from_config(theirs.scheduler.config, set_alpha_to_one=True)
+    pipe = inkwash.load(folder)
+    run = pipe.prepare("a red circle", seed=3, steps=4, size=16)
+    from inkwash.sampling import SAMPLERS
+
+    with torch.no_grad():
+        ours = SAMPLERS[run.settings.sampler](run.model, run.x, run.times, process=run.process)
+        ref = theirs("a red circle", num_inference_steps=4, guidance_scale=7.5, latents=run.x.clone(),
+                     output_type="latent").images  # fmt: skip
+    assert ref.abs().max() > 0.1
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
