@@ -25,7 +25,8 @@ from inkwash.formats.single_file import Loaded, Options, assign, read_json, read
 from inkwash.text.base import TextEncoder
 
 PIPELINES: dict[str, Callable[[Path, dict, Options], Loaded]] = {}
-USED = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+SD_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+USED = SD_PARTS + ("transformer", "text_encoder_3", "tokenizer_3")  # FLUX and SD3 (formats.mmdit_files)
 
 
 def register_pipeline(class_name: str, loader: Callable[[Path, dict, Options], Loaded]) -> None:

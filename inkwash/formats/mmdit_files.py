@@ -1,5 +1,7 @@
 """FLUX.1 and SD3 single files as `formats.single_file` entries: detection, the family defaults, and the parts such
-files do not carry (text encoders, and FLUX's autoencoder) from a local folder in diffusers' repository layout.
+files do not carry (text encoders, and FLUX's autoencoder) from a local folder in diffusers' repository layout; and
+diffusers FluxPipeline / StableDiffusion3Pipeline folders (`formats.diffusers_folder` entries; their scheduler's
+time shift is used).
 
 A FLUX.1 file (`flux1-schnell.safetensors`) holds the transformer only; an SD3 file holds the transformer and
 the autoencoder (`sd3_medium.safetensors`), and may hold CLIP-L, CLIP-G and T5-XXL too (`..._incl_clips...`). The
@@ -20,6 +22,7 @@ import torch
 
 from inkwash.diffusion import Flow
 from inkwash.errors import UserError
+from inkwash.formats import diffusers_folder as _folders
 from inkwash.formats import flux_original, ldm, sd3_original
 from inkwash.formats.single_file import Format, Loaded, Options, assign, read_tensors, register_format
 from inkwash.models.mmdit import MMDiT
@@ -170,11 +173,12 @@ def load_sd3(path: Path, shapes, options: Options) -> Loaded:
     return _loaded(FAMILIES["sd3"], net, path, options, parts)
 
 
-def _loaded(family: MMDiTFamily, net: MMDiT, path: Path, options: Options, parts: dict) -> Loaded:
+def _loaded(family: MMDiTFamily, net: MMDiT, path: Path, options: Options, parts: dict, folder: Path | None = None,
+            size: int = 1024) -> Loaded:  # fmt: skip
     dtype = getattr(options, "dtype", None)
     if dtype is not None:
         net = net.to(dtype)
-    folder = parts_folder(options, path, family)
+    folder = parts_folder(options, path, family) if folder is None else folder
     vae_sd = parts.pop("vae", None)
     vae = _vae_from_ldm(vae_sd, family, dtype, str(path)) if vae_sd else _vae_from_folder(folder, path, family, dtype)
     encoder = text_encoder(family, folder, parts, dtype)
@@ -183,9 +187,44 @@ def _loaded(family: MMDiTFamily, net: MMDiT, path: Path, options: Options, parts
                         f"pooled vector; the {family.label} transformer reads {net.cfg.context_dim} and "
                         f"{net.cfg.y_dim}")  # fmt: skip
     net = net.eval().requires_grad_(False)
-    return Loaded(net, net.cfg, vae, encoder, family.process, "flow", 1024, dict(family.sampling), family.name,
+    return Loaded(net, net.cfg, vae, encoder, family.process, "flow", size, dict(family.sampling), family.name,
                   meta={"format": family.name, "label": family.label})  # fmt: skip
+
+
+def load_folder(folder: Path, index: dict, options: Options) -> Loaded:
+    """A diffusers FluxPipeline or StableDiffusion3Pipeline folder: transformer/ through the diffusers converters,
+    vae/, the text towers and tokenizers as for a single file (this folder is their folder); family defaults."""
+    from inkwash.formats import diffusers_flux
+    from inkwash.formats.diffusers_folder import weights
+    from inkwash.formats.single_file import read_json
+
+    part = folder / "transformer"
+    if not (part / "config.json").is_file():
+        raise UserError(f"{folder} lacks its transformer/ folder")
+    config = dict(read_json(part / "config.json"))
+    if index["_class_name"] == "FluxPipeline":
+        net = diffusers_flux.flux_from_diffusers(config, weights(part))
+        family, size = FAMILIES["flux-dev" if net.cfg.guidance_embed else "flux-schnell"], 1024
+    else:
+        net = diffusers_flux.sd3_from_diffusers(config, weights(part))
+        family, size = FAMILIES["sd3"], int(config.get("sample_size", 128)) * 8
+    parts_folder(Options(text_encoders=folder), folder, family)  # one error naming every missing part
+    loaded = _loaded(family, net, folder, options, {}, folder=folder, size=size)
+    if family.name == "sd3":  # the VAE's factor: sample_size is in latent positions
+        loaded.image_size = int(config.get("sample_size", 128)) * loaded.vae.cfg.downsample
+    sched = folder / "scheduler" / "scheduler_config.json"
+    if sched.is_file():  # the folder's time shift (FlowMatchEulerDiscreteScheduler) over the family's
+        c = read_json(sched)
+        loaded.process = Flow(
+            shift=c.get("shift", 1.0), dynamic_shift=bool(c.get("use_dynamic_shifting", False)),
+            base_seq_len=c.get("base_image_seq_len", 256), max_seq_len=c.get("max_image_seq_len", 4096),
+            base_shift=c.get("base_shift", 0.5), max_shift=c.get("max_shift", 1.15),
+        )  # fmt: skip
+    loaded.meta = {"format": "diffusers", "pipeline": index["_class_name"], "label": family.label}
+    return loaded
 
 
 register_format(Format("flux", flux_original.is_flux_original, load_flux, "FLUX.1 (Black Forest Labs)"))
 register_format(Format("sd3", sd3_original.is_sd3_original, load_sd3, "Stable Diffusion 3 (Stability)"))
+_folders.register_pipeline("FluxPipeline", load_folder)
+_folders.register_pipeline("StableDiffusion3Pipeline", load_folder)

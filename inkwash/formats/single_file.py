@@ -363,7 +363,6 @@ def families() -> dict[str, Family]:
 
 
 _register_sd()
-from inkwash.formats import mmdit_files  # noqa: E402, F401 - appends FLUX.1 and SD3 single files to FORMATS
 
 
 def read_json(path: Path) -> Mapping:
@@ -371,3 +370,6 @@ def read_json(path: Path) -> Mapping:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{path} is not readable JSON ({e})") from None
+
+
+from inkwash.formats import mmdit_files  # noqa: E402, F401 - appends FLUX.1 and SD3 single files to FORMATS
