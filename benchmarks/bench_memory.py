@@ -34,36 +34,19 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from inkwash.accel.offload import _owners, cast_storage, offload, weight_bytes
 from inkwash.models.registry import build_model, get_preset
-from inkwash.models.unet import UNetConfig
 from inkwash.pipeline import example_inputs
+from inkwash.text.clip import TOWERS, build_text_model, text_config
+from inkwash.text.t5 import build_t5_encoder, t5_config
 
 GB = 1e9
-# SDXL base's U-Net (its layout is read from a file's shapes, so there is no preset): 2,567,463,684 parameters.
-SDXL_BASE_UNET = UNetConfig(channel_mult=(1, 2, 4), attention_levels=(1, 2), head_dim=64, transformer_depth=(0, 2, 10),
-                            context_dim=2048, y_dim=1280, micro_conditions=6)  # fmt: skip
 
 
-def config(name: str):
-    return SDXL_BASE_UNET if name == "sdxl-base" else get_preset(name)
-
-
-# The text encoders' published configs (transformers classes): CLIP ViT-L/14, OpenCLIP ViT-bigG/14, T5-XXL encoder.
-def text_encoder(name: str) -> nn.Module:
-    import transformers as tf
-
-    if name == "clip-l":  # 123,060,480 parameters
-        cfg = tf.CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                                projection_dim=768, hidden_act="quick_gelu")  # fmt: skip
-        return tf.CLIPTextModel(cfg)
-    if name == "clip-g":  # 694,659,840
-        cfg = tf.CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                                projection_dim=1280, hidden_act="gelu")  # fmt: skip
-        return tf.CLIPTextModelWithProjection(cfg)
-    if name == "t5-xxl":  # 4,762,310,656
-        cfg = tf.T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                          feed_forward_proj="gated-gelu")  # fmt: skip
-        return tf.T5EncoderModel(cfg)
-    raise ValueError(name)
+def text_encoder(name: str, device="meta") -> nn.Module:
+    """A published text encoder (configs in inkwash.text): CLIP ViT-L/14, OpenCLIP ViT-bigG/14, T5-XXL encoder."""
+    if name == "t5-xxl":
+        return build_t5_encoder(t5_config(), device=device)
+    tower = {"clip-l": "clip-l", "clip-g": "open-clip-bigg"}[name]
+    return build_text_model(text_config(TOWERS[tower]), projection=name == "clip-g", device=device)
 
 
 @dataclass
@@ -128,7 +111,7 @@ def _compute_dtype(module: nn.Module) -> torch.dtype:
 
 
 def denoiser_inputs(fam: Family, net: nn.Module, device="meta") -> dict:
-    cfg = config(fam.denoiser)
+    cfg = get_preset(fam.denoiser)
     side = fam.size // 8
     kw = example_inputs(cfg, side, fam.context_tokens, device=device)
     b, dtype = (2 if fam.cfg else 1), _compute_dtype(net)
@@ -159,8 +142,8 @@ def phases(fam: Family, parts: dict[str, nn.Module], vae_tile: int | None, devic
 def build(fam: Family, dtype: str, device="meta") -> dict:
     with torch.device(device):
         parts = {
-            "text": nn.ModuleList([text_encoder(n) for n, _ in fam.text]),
-            "denoiser": build_model(config(fam.denoiser)),
+            "text": nn.ModuleList([text_encoder(n, device) for n, _ in fam.text]),
+            "denoiser": build_model(get_preset(fam.denoiser)),
             "vae": build_model(get_preset(fam.vae)),
         }
     for name, m in parts.items():

@@ -392,6 +392,6 @@ def test_the_benchmark_builds_the_published_sizes():
     bench = _bench()
     with torch.device("meta"):
         counts = {n: sum(p.numel() for p in bench.text_encoder(n).parameters()) for n in ("clip-l", "clip-g", "t5-xxl")}
-        sdxl = sum(p.numel() for p in build_model(bench.SDXL_BASE_UNET).parameters())
+        sdxl = sum(p.numel() for p in build_model(get_preset("sdxl-base")).parameters())
     assert counts == {"clip-l": 123_060_480, "clip-g": 694_659_840, "t5-xxl": 4_762_310_656}
     assert sdxl == 2_567_463_684
