@@ -194,6 +194,11 @@ def test_wrong_schedule_and_unknown_files_are_refused(tmp_path):
     save_file({"foo.weight": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
     with pytest.raises(UserError, match="not a checkpoint inkwash recognises"):
         single_file.load(tmp_path / "x.safetensors")
+    unet = {k: v for k, v in sd_tiny.random_tensors(sd_tiny.family_schema("sd1")).items() if k.startswith(ldm.UNET)}
+    for name, part in (("u.safetensors", unet), ("bare.safetensors", ldm.under(unet, ldm.UNET))):
+        save_file(part, str(tmp_path / name))
+        with pytest.raises(UserError, match="U-Net without its text encoder"):
+            single_file.load(tmp_path / name)
     (tmp_path / "y.ckpt").write_bytes(b"\x80\x04")
     with pytest.raises(UserError, match="never unpickles"):
         single_file.load(tmp_path / "y.ckpt")

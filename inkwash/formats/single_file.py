@@ -329,12 +329,6 @@ def load_sd(family: Family, path: Path, shapes: ldm.Shapes, options: Options) ->
                   family.zero_empty_negative, {"format": family.name, "label": family.label})  # fmt: skip
 
 
-def _unet_context(shapes: ldm.Shapes) -> int:
-    k = ldm.UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-    ks = [k] if k in shapes else sorted(x for x in shapes if x.startswith(ldm.UNET) and x.endswith("attn2.to_k.weight"))
-    return shapes[ks[0]][1] if ks else 0
-
-
 def _register_sd() -> None:
     fams = _sd_families()
 
@@ -362,7 +356,19 @@ def families() -> dict[str, Family]:
     return _sd_families()
 
 
+def _unet_alone(path: Path, shapes: ldm.Shapes, options: Options) -> Loaded:
+    raise UserError(f"{path} holds a Stable Diffusion U-Net without its text encoder and autoencoder (a U-Net-only "
+                    "extract); inkwash loads whole single files (U-Net, VAE and text encoders in one file) or a "
+                    "diffusers folder")  # fmt: skip
+
+
 _register_sd()
+
+# Last: an SD U-Net that no entry above took (no text encoder in the file) gets a reason, not "unrecognised".
+register_format(Format(
+    "sd-unet-only", lambda s: ldm.UNET + "input_blocks.0.0.weight" in s or "input_blocks.0.0.weight" in s,
+    _unet_alone, "Stable Diffusion U-Net alone (refused: it needs its text encoder and VAE)",
+))  # fmt: skip
 
 
 def read_json(path: Path) -> Mapping:
