@@ -24,10 +24,11 @@ def _generate(args) -> None:
         print(pipe.add_lora(*_lora_spec(spec)).summary(), file=sys.stderr)
     pipe.set_memory(**memory)
     refiner = load(args.refiner, **opts).set_memory(**memory) if args.refiner else None
+    precision = _accelerate([pipe, refiner], args)
     images = pipe(
         args.prompt, negative_prompt=args.negative, n=args.n, seed=args.seed, size=args.size,
         steps=args.steps, sampler=args.sampler, schedule=args.schedule, guidance=args.guidance, rescale=args.rescale,
-        precision=args.precision, refiner=refiner, handoff=args.handoff, class_label=args.class_label,
+        precision=precision, refiner=refiner, handoff=args.handoff, class_label=args.class_label,
     )  # fmt: skip
     out = Path(args.output)
     for i, img in enumerate(images):
@@ -50,6 +51,14 @@ def _lora_spec(spec: str) -> tuple[str, float]:
         return (path, float(scale)) if path else (spec, 1.0)
     except ValueError:
         return spec, 1.0
+
+
+def _accelerate(pipes: list, args) -> str:
+    """Apply --quantize / --fast to each pipeline given; the precision to run in (--precision, else the plan's)."""
+    from .accel.fast import accelerate
+
+    plans = [accelerate(p, quantize_mode=args.quantize, fast=args.fast) for p in pipes if p is not None]
+    return args.precision or plans[0].precision
 
 
 def _numbered(out: Path, seed: int) -> Path:
@@ -135,19 +144,23 @@ def _eval_vae(args) -> None:
 
 
 def _eval(args) -> None:
+    from .accel.fast import plan_for
     from .eval.runner import EvalConfig, evaluate
     from .eval.shapeseval import TASKS
     from .pipeline import load
 
     pipe = load(args.model)
+    precision = args.precision or (plan_for(pipe.device).precision if args.fast else "fp32")
     cfg = EvalConfig(
         sampler=args.sampler, steps=args.steps, guidance=args.guidance, schedule=args.schedule,
         per_prompt=args.per_prompt, tasks=tuple(args.tasks or TASKS), seed=args.seed, limit=args.limit,
-        batch_size=args.batch_size, fid_images=args.fid, features=args.features, precision=args.precision,
-        workers=args.workers, refiner=args.refiner, handoff=args.handoff,
+        batch_size=args.batch_size, fid_images=args.fid, features=args.features, precision=precision,
+        workers=args.workers, refiner=args.refiner, handoff=args.handoff, quantize=args.quantize, fast=args.fast,
     )  # fmt: skip
     s = pipe.settings(sampler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance, schedule=cfg.schedule)
-    suffix = "" if args.precision == "fp32" else f"-{args.precision}"
+    suffix = "" if precision == "fp32" else f"-{precision}"
+    suffix += f"-{args.quantize}" if args.quantize else ""
+    suffix += "-fast" if args.fast else ""
     out = Path(args.output or f"evals/{pipe.name}-{s.sampler}-{s.steps}-g{s.guidance:g}{suffix}")
     result = evaluate(pipe, out, cfg)
     sc, t = result["scores"], result["timing"]
@@ -216,6 +229,15 @@ def _run_parser(sub, name: str, help: str, options: str) -> argparse.ArgumentPar
     return p
 
 
+def _accel_flags(p: argparse.ArgumentParser) -> None:
+    from .accel.quant import MODES
+
+    p.add_argument("--quantize", default=None, choices=MODES, help="quantize the network's linear layers: int8 "
+                   "weights, int8 weights and activations, or fp8 weights (docs/fast-inference.md)")  # fmt: skip
+    p.add_argument("--fast", action="store_true", help="the fastest settings measured for this device "
+                   "(torch.compile; on GPUs also bf16 and fp8 where supported)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .accel.offload import OFFLOADS, STORAGE_DTYPES
     from .eval.shapeseval import TASKS
@@ -250,7 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
     g.add_argument("-n", type=int, default=1, help="images per prompt")
-    g.add_argument("--precision", default="fp32", choices=PRECISIONS, help="compute precision (bf16: autocast)")
+    g.add_argument("--precision", default=None, choices=PRECISIONS, help="network precision (bf16: autocast; "
+                   "default fp32, or what --fast picks)")  # fmt: skip
+    _accel_flags(g)
     g.add_argument("--dtype", default="fp32", choices=list(STORAGE_DTYPES), help="weight storage: bf16/fp16 "
                    "halve memory and compute in it; fp8: Linear/Conv weights in 8 bits, upcast at use")  # fmt: skip
     g.add_argument("--device", default="cpu", help="where the networks run (cpu, cuda, cuda:1, mps)")
@@ -315,7 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--features", default="shapes", help="FID features: shapes, or inception:PATH (pytorch-fid's)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="prompts sampled together")
-    e.add_argument("--precision", default="fp32", choices=PRECISIONS, help="network precision (bf16: autocast)")
+    e.add_argument("--precision", default=None, choices=PRECISIONS, help="network precision (bf16: autocast; "
+                   "default fp32, or what --fast picks)")  # fmt: skip
+    _accel_flags(e)
     e.add_argument("--workers", type=int, default=1, help="sampling processes of one thread each (2 on a 2-core CPU)")
     e.add_argument("--refiner", default=None, help="a second model file that finishes each image (base + refiner)")
     e.add_argument("--handoff", type=float, default=0.8, help="with --refiner: the fraction the base denoises")

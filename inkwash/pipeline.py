@@ -171,17 +171,26 @@ def fit_to_encoder(model_cfg, encoder: TextEncoder):
 
 
 def png_parameters(
-    prompt: str, negative: str, s: Sampling, seed: int, size: int, model: str, distilled: bool = False
+    prompt: str,
+    negative: str,
+    s: Sampling,
+    seed: int,
+    size: int,
+    model: str,
+    distilled: bool = False,
+    extra: dict[str, str] | None = None,
 ) -> str:
     """A1111-style `parameters` text, so settings can be read back from the PNG. A guidance-distilled model's
-    scale is written as Forge writes FLUX dev's: CFG scale 1 (no CFG) and a `Distilled CFG Scale`."""
+    scale is written as Forge writes FLUX dev's: CFG scale 1 (no CFG) and a `Distilled CFG Scale`. `extra`: more
+    `Key: value` pairs at the end (a pipeline's acceleration, e.g. Quantize: int8)."""
     neg = f"\nNegative prompt: {negative}" if negative else ""
     sched = f", Schedule type: {s.schedule}" if s.schedule else ""
     rescale = f", Guidance rescale: {s.rescale}" if s.rescale else ""
     cfg = f"CFG scale: 1, Distilled CFG Scale: {s.guidance}" if distilled else f"CFG scale: {s.guidance}"
+    more = "".join(f", {k}: {v}" for k, v in (extra or {}).items())
     return (
         f"{prompt}{neg}\nSteps: {s.steps}, Sampler: {s.sampler}{sched}, {cfg}{rescale}, "
-        f"Seed: {seed}, Size: {size}x{size}, Model: {model}"
+        f"Seed: {seed}, Size: {size}x{size}, Model: {model}{more}"
     )
 
 
@@ -276,6 +285,7 @@ class Pipeline:
     dtype: str = "fp32"  # weight storage (see `set_memory`)
     vae_tile: int | None = None  # tiled VAE decode: latent positions per tile side (None: untiled)
     placement: Any = None  # an offload placement (accel.offload), None when every weight is on `device`
+    accel: dict[str, str] = field(default_factory=dict)  # acceleration applied (inkwash.accel), for PNG parameters
 
     # --- construction ---------------------------------------------------------------------------
 
@@ -613,7 +623,7 @@ class Pipeline:
         images = to_pil(x)
         for i, img in enumerate(images):
             img.info["parameters"] = png_parameters(
-                prompts[i // n], negative_prompt, s, seed + i, size, model, self.guidance_distilled
+                prompts[i // n], negative_prompt, s, seed + i, size, model, self.guidance_distilled, self.accel
             )
         return images
 

@@ -48,6 +48,8 @@ class EvalConfig:
     features: str = "shapes"
     refiner: str | None = None  # a second model file that finishes each image (SDXL's base + refiner)
     handoff: float = 0.8  # the fraction of the denoising the base does when there is a refiner
+    quantize: str | None = None  # a mode of inkwash.accel.quant (int8, int8-dynamic, fp8), applied to the network
+    fast: bool = False  # inkwash.accel.fast's plan for the device (torch.compile, ...)
 
     def __post_init__(self):
         if not 1 <= self.per_prompt <= 16:
@@ -114,9 +116,18 @@ def _worker(source: str, out: str, cfg: EvalConfig, sampling: dict, batches: lis
     torch.set_num_threads(1)
     from inkwash.pipeline import load
 
-    run = _Run(load(source), Path(out), cfg, sampling, Judge(), progress=False)
+    run = _Run(_accelerated(load(source), cfg), Path(out), cfg, sampling, Judge(), progress=False)
     for batch in batches:
         run.batch(batch, Path(out) / f"samples-w{w}.jsonl")
+
+
+def _accelerated(pipe, cfg: EvalConfig):
+    """The pipeline with the evaluation's --quantize / --fast applied (once)."""
+    if (cfg.quantize or cfg.fast) and not pipe.accel:
+        from inkwash.accel.fast import accelerate
+
+        accelerate(pipe, quantize_mode=cfg.quantize, fast=cfg.fast)
+    return pipe
 
 
 def machine(device: torch.device | str | None = None) -> dict:
@@ -283,6 +294,8 @@ def evaluate(pipe, out_dir: str | os.PathLike, cfg: EvalConfig | None = None, *,
     settings["tasks"] = list(settings["tasks"])
     identity = {"benchmark": VERSION, "model_sha256": file_sha256(pipe.source), **sampling, "seed": cfg.seed,
                 "precision": cfg.precision}  # fmt: skip
+    if cfg.quantize or cfg.fast:  # absent otherwise, so earlier run folders still resume
+        identity |= {"quantize": cfg.quantize, "fast": cfg.fast}
     if cfg.refiner:
         identity |= {"refiner_sha256": file_sha256(cfg.refiner), "handoff": cfg.handoff}
     path = out / "identity.json"  # what fixes every image; tasks, counts and FID options may change
@@ -295,7 +308,7 @@ def evaluate(pipe, out_dir: str | os.PathLike, cfg: EvalConfig | None = None, *,
     else:
         _atomic_json(path, identity)
     t_start = time.perf_counter()
-    run = _Run(pipe, out, cfg, sampling, judge or Judge(), progress)
+    run = _Run(_accelerated(pipe, cfg), out, cfg, sampling, judge or Judge(), progress)
     run.logged_before = sum(_count_lines(f) for f in out.glob("samples-w*.jsonl"))
     samples = run.benchmark()
     fid = run.fid()

@@ -1,0 +1,399 @@
+"""Inference benchmark: inkwash's networks vs diffusers' with identical weights, eager and compiled, and the
+quantization modes; or FLUX.1 at full size on a GPU (`--gpu-flux`). Prints tables; never asserts a time.
+
+CPU (default): for each pair -- the bundled Shapes U-Net's architecture (unet-xs, 32 px), a small Stable Diffusion
+layout (sd15's four levels at 64 channels, 4 x 32 x 32 latents, 768-wide context) and DiT-S/2 (class-conditional,
+4 x 32 x 32 latents) -- seconds for 20 sampling steps at batch 2 (one image with classifier-free guidance), ours and
+diffusers', each eager and each compiled (torch.compile, static shapes; the first two calls, which compile, are not
+timed), as ratios; the rounds alternate the models so background load hits both alike, and each keeps its best.
+Then our networks quantized (inkwash.accel.quant): weight memory and s/step.
+
+--gpu-flux: FLUX.1 dev's transformer (11.9B parameters, random weights, bf16, 1024 x 1024, batch 1, 512 text
+tokens) ours vs diffusers' FluxTransformer2DModel with the same weights, eager and compiled: ms per step and MFU
+against the measured bf16 matmul peak; then ours with fp8 weights and matmuls. Without a GPU it runs the same rows
+on a tiny MMDiT (the check that the script works; scripts/gpu_infer.sh).
+
+Usage: python benchmarks/bench_infer.py [--pairs unet-shapes sd-small dit-s2] [--steps 20] [--rounds 2]
+       python benchmarks/bench_infer.py --gpu-flux [--preset flux-dev] [--size 1024] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # benchmarks/ is a folder of scripts; this checkout's inkwash first
+
+from bench_dit_train import matmul_peak  # noqa: E402
+
+from inkwash.accel.quant import MODES, quantize, state_bytes  # noqa: E402
+from inkwash.models.registry import get_preset  # noqa: E402
+
+SD_SMALL = dataclasses.replace(get_preset("sd15"), model_channels=64)  # SD's layout at a fifth of its width
+
+
+@dataclasses.dataclass
+class Pair:
+    """Two networks with identical weights and one call each: (x [B, C, H, W], t [B]) -> output."""
+
+    name: str
+    ours: nn.Module
+    theirs: nn.Module | None
+    call_ours: Callable
+    call_theirs: Callable | None
+    x: torch.Tensor
+
+
+def _randomise(model: nn.Module, std: float = 0.02) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            nn.init.normal_(p, std=std)
+
+
+def unet_pair(name: str, cfg, size: int, batch: int = 2, tokens: int = 77) -> Pair:
+    from diffusers import UNet2DConditionModel
+
+    from inkwash.formats.diffusers_unet import unet_config_to_diffusers, unet_from_diffusers
+
+    torch.manual_seed(0)
+    theirs = UNet2DConditionModel(**unet_config_to_diffusers(cfg)).eval()
+    _randomise(theirs)
+    ours = unet_from_diffusers(dict(theirs.config), {k: v.clone() for k, v in theirs.state_dict().items()}).eval()
+    g = torch.Generator().manual_seed(1)
+    ctx = torch.randn(batch, tokens, cfg.context_dim, generator=g)
+    y = torch.randn(batch, cfg.y_dim, generator=g) if cfg.y_dim else None
+    x = torch.randn(batch, cfg.in_channels, size, size, generator=g)
+    return Pair(
+        name, ours, theirs,
+        lambda m, x, t: m(x, t, context=ctx, y=y),
+        lambda m, x, t: m(x, t, encoder_hidden_states=ctx, class_labels=y).sample,
+        x,
+    )  # fmt: skip
+
+
+def dit_pair(name: str, preset: str, batch: int = 2) -> Pair:
+    from diffusers import DiTTransformer2DModel
+
+    from inkwash.formats.diffusers_dit import DIFFUSERS_DIT_FREQ_SHIFT, dit_config_to_diffusers, dit_from_diffusers
+
+    cfg = dataclasses.replace(get_preset(preset), freq_shift=DIFFUSERS_DIT_FREQ_SHIFT)
+    torch.manual_seed(0)
+    kwargs = dit_config_to_diffusers(cfg)
+    theirs = DiTTransformer2DModel(**kwargs).eval()
+    _randomise(theirs)
+    first = theirs.transformer_blocks[0].norm1  # diffusers holds one time/class embedder per block; ours, one
+    for block in theirs.transformer_blocks[1:]:
+        block.norm1.emb = first.emb
+    ours = dit_from_diffusers(kwargs, {k: v.clone() for k, v in theirs.state_dict().items()}).eval()
+    y = torch.tensor([7, cfg.num_classes])[:batch]  # a class and the null class
+    x = torch.randn(
+        batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=torch.Generator().manual_seed(1)
+    )
+    return Pair(
+        name, ours, theirs,
+        lambda m, x, t: m(x, t, y=y),
+        lambda m, x, t: m(x, timestep=t, class_labels=y).sample,
+        x,
+    )  # fmt: skip
+
+
+PAIRS = {
+    "unet-shapes": lambda: unet_pair("unet-shapes (unet-xs, 32 px)", get_preset("unet-xs"), 32, tokens=32),
+    "sd-small": lambda: unet_pair("sd-small (sd15 @ 64 ch, 32x32 latents)", SD_SMALL, 32),
+    "dit-s2": lambda: dit_pair("dit-s2 (32x32 latents)", "dit-s2"),
+}
+
+
+@torch.no_grad()
+def sample(call: Callable, model: nn.Module, x: torch.Tensor, steps: int) -> float:
+    """Seconds for `steps` network calls in a plain Euler-style loop (the samplers' cost beside it is nil)."""
+    start = time.perf_counter()
+    for i in range(steps):
+        t = torch.full((x.shape[0],), 999.0 * (1 - i / steps))
+        out = call(model, x, t)
+        x = x - 0.01 * out[:, : x.shape[1]]
+    return time.perf_counter() - start
+
+
+def time_pair(pair: Pair, steps: int, rounds: int, compile_too: bool) -> dict:
+    """Best seconds per `steps`-step sampling for each (side, mode), rounds alternating the sides."""
+    sides = {"ours": (pair.ours, pair.call_ours)}
+    if pair.theirs is not None:
+        sides["diffusers"] = (pair.theirs, pair.call_theirs)
+    runs = {f"{s}:eager": (m, c) for s, (m, c) in sides.items()}
+    if compile_too:
+        runs |= {f"{s}:compiled": (torch.compile(m, dynamic=False), c) for s, (m, c) in sides.items()}
+    res = {"name": pair.name, "params": sum(p.numel() for p in pair.ours.parameters()), "s": {}, "warm_s": {}}
+    with torch.no_grad():
+        ref = pair.call_ours(pair.ours, pair.x, torch.full((pair.x.shape[0],), 500.0))
+        if pair.theirs is not None:
+            other = pair.call_theirs(pair.theirs, pair.x, torch.full((pair.x.shape[0],), 500.0))
+            res["max_abs_diff"] = (ref - other).abs().max().item()
+    for name, (m, c) in runs.items():  # warm-up: compiles (static shapes: the loop's one shape)
+        start = time.perf_counter()
+        sample(c, m, pair.x, 2)
+        res["warm_s"][name] = time.perf_counter() - start
+    for _ in range(rounds):
+        for name, (m, c) in runs.items():
+            res["s"][name] = min(res["s"].get(name, math.inf), sample(c, m, pair.x, steps))
+    return res
+
+
+def quant_rows(pair: Pair, steps: int, rounds: int) -> list[dict]:
+    rows = []
+    for mode in (None, *MODES):
+        net = pair.ours if mode is None else quantize(copy.deepcopy(pair.ours), mode)
+        best = min(sample(pair.call_ours, net, pair.x, steps) for _ in range(rounds))
+        with torch.no_grad():
+            t = torch.full((pair.x.shape[0],), 500.0)
+            ref, out = pair.call_ours(pair.ours, pair.x, t), pair.call_ours(net, pair.x, t)
+        err = ((out - ref).norm() / ref.norm()).item()
+        rows.append({"pair": pair.name, "mode": mode or "fp32", "mib": state_bytes(net) / 2**20,
+                     "s_per_step": best / steps, "rel_err": err})  # fmt: skip
+    return rows
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import diffusers
+
+    return (f"{cpu}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, "
+            f"diffusers {diffusers.__version__}, Python {platform.python_version()}")  # fmt: skip
+
+
+def cpu_main(args: argparse.Namespace) -> dict:
+    print(f"# {machine()}")
+    print(f"# {args.steps} steps, batch 2, best of {args.rounds} rounds; ratio = ours / diffusers (< 1: ours faster)")
+    print()
+    print("| network | params | ours eager s | diffusers eager s | ratio | ours compiled s | diffusers compiled s "
+          "| ratio | max abs diff |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    results, quant = [], []
+    for key in args.pairs:
+        pair = PAIRS[key]()
+        r = time_pair(pair, args.steps, args.rounds, not args.no_compile)
+        results.append(r)
+        s = r["s"]
+        cells = [
+            f"{s['ours:eager']:.2f}",
+            f"{s['diffusers:eager']:.2f}",
+            f"{s['ours:eager'] / s['diffusers:eager']:.2f}",
+        ]
+        if "ours:compiled" in s:
+            cells += [f"{s['ours:compiled']:.2f}", f"{s['diffusers:compiled']:.2f}",
+                      f"{s['ours:compiled'] / s['diffusers:compiled']:.2f}"]  # fmt: skip
+        else:
+            cells += ["-", "-", "-"]
+        print(f"| {r['name']} | {r['params'] / 1e6:.1f}M | " + " | ".join(cells) + f" | {r['max_abs_diff']:.1e} |",
+              flush=True)  # fmt: skip
+        if key in args.quant_pairs:
+            quant += quant_rows(pair, args.steps, args.rounds)
+    if quant:
+        print()
+        print("| network | weights | state dict MiB | s/step (eager) | rel. output error vs fp32 |")
+        print("|---|---|---|---|---|")
+        for q in quant:
+            print(f"| {q['pair']} | {q['mode']} | {q['mib']:.2f} | {q['s_per_step']:.4f} | {q['rel_err']:.4f} |")
+    return {"machine": machine(), "pairs": results, "quantization": quant}
+
+
+# ---------------------------------------------------------------------------- FLUX on a GPU
+
+
+def flux_inputs(cfg, size: int, tokens: int, device, dtype):
+    g = torch.Generator().manual_seed(1)
+    side = size // 8  # the FLUX autoencoder's f = 8
+    x = torch.randn(1, cfg.in_channels, side, side, generator=g).to(device, dtype)
+    ctx = torch.randn(1, tokens, cfg.context_dim, generator=g).to(device, dtype)
+    y = torch.randn(1, cfg.y_dim, generator=g).to(device, dtype)
+    return x, ctx, y
+
+
+def flux_step_macs(cfg, size: int, tokens: int) -> int:
+    from inkwash.models.flops import count_flops
+    from inkwash.models.mmdit import MMDiT
+
+    side = size // 8
+    with torch.device("meta"):
+        net = MMDiT(cfg)
+        kw = {"x": torch.zeros(1, cfg.in_channels, side, side), "t": torch.zeros(1),
+              "context": torch.zeros(1, tokens, cfg.context_dim), "y": torch.zeros(1, cfg.y_dim)}  # fmt: skip
+        if cfg.guidance_embed:
+            kw["guidance"] = torch.zeros(1)
+    return count_flops(net, kw)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def ms_per_step(fn: Callable, device: torch.device, steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / steps * 1e3
+
+
+def flux_main(args: argparse.Namespace) -> dict:
+    from inkwash.formats.diffusers_flux import flux_config_to_diffusers, flux_state_dict_to_diffusers
+    from inkwash.models.mmdit import MMDiT
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = device.type == "cuda"
+    cfg = get_preset(args.preset)
+    dtype = torch.bfloat16 if gpu else torch.float32
+    size, tokens = args.size, args.tokens
+    macs = flux_step_macs(cfg, size, tokens)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else matmul_peak(device, args.peak_n)
+    head = {"device": torch.cuda.get_device_name(device) if gpu else machine(), "torch": torch.__version__,
+            "preset": args.preset, "size": size, "tokens": tokens, "dtype": str(dtype).split(".")[-1],
+            "tflop_per_step": 2 * macs / 1e12, "peak_tflops": peak / 1e12,
+            "roofline_ms": 2 * macs / peak * 1e3, "rows": []}  # fmt: skip
+    print(f"# {head['device']}, torch {torch.__version__}; {args.preset} at {size} px, {tokens} text tokens, "
+          f"{head['dtype']}; {head['tflop_per_step']:.2f} TFLOP/step, matmul peak {head['peak_tflops']:.1f} TFLOP/s, "
+          f"roofline {head['roofline_ms']:.1f} ms", flush=True)  # fmt: skip
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        ours = MMDiT(cfg).to(dtype)  # on the meta device: allocated once, in bf16, by to_empty
+    ours = ours.to_empty(device=device).eval()
+    _randomise(ours, std=0.01)
+    x, ctx, y = flux_inputs(cfg, size, tokens, device, dtype)
+    t = torch.full((1,), 500.0, device=device)
+    g = torch.full((1,), 3.5, device=device) if cfg.guidance_embed else None
+    call_ours = lambda m: m(x, t, context=ctx, y=y, guidance=g)  # noqa: E731
+
+    def row(name: str, fn: Callable) -> None:
+        entry = {"name": name}
+        try:
+            entry["ms"] = ms_per_step(fn, device, args.steps, args.warmup)
+            entry["mfu"] = 2 * macs / (entry["ms"] / 1e3) / peak
+            if gpu:
+                entry["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        except Exception as e:  # one failing row (e.g. out of memory) must not lose the others
+            entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        head["rows"].append(entry)
+        if "ms" in entry:
+            print(f"| {name} | {entry['ms']:.1f} | {100 * entry['mfu']:.1f}% |", flush=True)
+        else:
+            print(f"| {name} | failed: {entry['error']} | |", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(head, indent=1) + "\n")
+
+    print("| row | ms/step | MFU |\n|---|---|---|")
+    rows = set(args.rows)
+    theirs = None
+    if rows & {"diffusers:eager", "diffusers:compiled"}:
+        try:
+            from diffusers import FluxTransformer2DModel
+
+            kwargs = flux_config_to_diffusers(cfg)
+            with torch.device("meta"):
+                theirs = FluxTransformer2DModel(**kwargs)
+            theirs.load_state_dict(flux_state_dict_to_diffusers(ours.state_dict(), cfg), assign=True)
+            theirs = theirs.to(device, dtype).eval()
+            h, w = x.shape[-2] // 2, x.shape[-1] // 2
+            ids = torch.zeros(h, w, 3, device=device)
+            ids[..., 1] += torch.arange(h, device=device)[:, None]
+            ids[..., 2] += torch.arange(w, device=device)[None, :]
+            img_ids, txt_ids = ids.reshape(h * w, 3), torch.zeros(tokens, 3, device=device)
+            packed = x.view(1, cfg.in_channels, h, 2, w, 2).permute(0, 2, 4, 1, 3, 5).reshape(1, h * w, -1)
+
+            def call_theirs(m):
+                return m(packed, ctx, y, t / 1000, img_ids=img_ids, txt_ids=txt_ids, guidance=g).sample
+
+            with torch.no_grad():
+                diff = call_theirs(theirs).float().reshape(-1) - _pack_out(call_ours(ours), cfg).float().reshape(-1)
+            head["max_abs_diff"] = diff.abs().max().item()
+            if "diffusers:eager" in rows:
+                row("diffusers eager", lambda: call_theirs(theirs))
+            if "diffusers:compiled" in rows:
+                c = torch.compile(theirs, dynamic=False)
+                row("diffusers compiled", lambda: call_theirs(c))
+        except ImportError as e:
+            print(f"diffusers unavailable ({e}); our rows only")
+        theirs = None
+        if gpu:
+            torch.cuda.empty_cache()
+    if "ours:eager" in rows:
+        row("ours eager", lambda: call_ours(ours))
+    if "ours:compiled" in rows:
+        c = torch.compile(ours, dynamic=False)
+        row("ours compiled", lambda: call_ours(c))
+    if rows & {"ours:fp8", "ours:fp8-compiled"}:
+        quantize(ours, "fp8", device)
+        if gpu:
+            torch.cuda.empty_cache()
+        if "ours:fp8" in rows:
+            row("ours fp8", lambda: call_ours(ours))
+        if "ours:fp8-compiled" in rows:
+            c = torch.compile(ours, dynamic=False)
+            row("ours fp8 compiled", lambda: call_ours(c))
+    return head
+
+
+def _pack_out(out: torch.Tensor, cfg) -> torch.Tensor:
+    from inkwash.models.mmdit import pack
+
+    return pack(out, cfg.patch_size)
+
+
+FLUX_ROWS = ("diffusers:eager", "diffusers:compiled", "ours:eager", "ours:compiled", "ours:fp8", "ours:fp8-compiled")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+    p.add_argument("--quant-pairs", nargs="*", default=["unet-shapes", "dit-s2"], choices=list(PAIRS),
+                   help="pairs whose network is also timed in each quantization mode")  # fmt: skip
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--gpu-flux", action="store_true", help="FLUX.1's transformer at full size (see the docstring)")
+    p.add_argument("--preset", default="flux-dev", help="--gpu-flux: the MMDiT preset (mmdit-tiny off a GPU)")
+    p.add_argument("--size", type=int, default=1024, help="--gpu-flux: image side in pixels (latents: / 8)")
+    p.add_argument("--tokens", type=int, default=512, help="--gpu-flux: text tokens")
+    p.add_argument("--rows", nargs="+", default=list(FLUX_ROWS), choices=FLUX_ROWS)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", default=None)
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="skip measuring the matmul peak")
+    p.add_argument("--peak-n", type=int, default=8192)
+    p.add_argument("--json", default=None, help="also write the results here (rewritten after every row)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    res = flux_main(args) if args.gpu_flux else cpu_main(args)
+    if args.json and not args.gpu_flux:
+        Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+    return res
+
+
+if __name__ == "__main__":
+    main()

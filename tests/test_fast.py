@@ -1,0 +1,95 @@
+"""`--fast` and `--quantize` (inkwash.accel.fast): the plan per device, the network it builds against the eager one,
+and what generate and eval record (PNG parameters, evaluation identity)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import inkwash
+from inkwash.accel.fast import Plan, accelerate, apply, plan_for
+from inkwash.accel.quant import QuantLinear
+from inkwash.cli import main
+from inkwash.errors import UserError
+from inkwash.eval.runner import EvalConfig, evaluate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_plan_per_device(monkeypatch):
+    assert plan_for("cpu") == Plan(compile=True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert plan_for("cuda") == Plan(precision="bf16", quantize="fp8", compile=True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert plan_for("cuda") == Plan(precision="bf16", compile=True)
+    assert Plan(precision="bf16", quantize="fp8", compile=True).label() == "compile, bf16, fp8"
+    assert Plan().label() == "none"
+
+
+def test_compiled_channels_last_network_matches_eager(lively_model_file):
+    pipe = inkwash.load(lively_model_file)
+    ref = pipe.generate("a red circle", seed=3)
+    net = apply(pipe.net, Plan(channels_last=True, compile=True), backend="aot_eager")  # inductor: the benchmark
+    assert net is not pipe.net and net.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    pipe.net = net
+    torch.testing.assert_close(pipe.generate("a red circle", seed=3), ref, atol=1e-4, rtol=0)
+
+
+def test_generate_quantized_records_it_in_the_png(lively_model_file, tmp_path, capsys):
+    out = tmp_path / "q.png"
+    code = main(["generate", "a red circle", "--model", str(lively_model_file), "--quantize", "int8", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert Image.open(out).text["parameters"].endswith(", Quantize: int8")
+    float_img = inkwash.load(lively_model_file)("a red circle")[0]
+    diff = (torch.tensor(list(Image.open(out).getdata())) - torch.tensor(list(float_img.getdata()))).abs()
+    assert 0 < diff.float().mean() < 3  # grey levels: changed, slightly
+
+
+def test_accelerate_quantizes_and_labels(lively_model_file):
+    pipe = inkwash.load(lively_model_file)
+    plan = accelerate(pipe, quantize_mode="int8-dynamic")
+    assert plan == Plan(quantize="int8-dynamic") and pipe.accel == {"Quantize": "int8-dynamic"}
+    assert any(isinstance(m, QuantLinear) for m in pipe.net.modules())
+    with pytest.raises(UserError, match="unknown quantization"):
+        accelerate(inkwash.load(lively_model_file), quantize_mode="int3")
+
+
+def test_eval_identity_records_quantization(lively_model_file, tmp_path):
+    cfg = dict(limit=1, per_prompt=1, fid_images=0, batch_size=8, tasks=("colors",))
+    result = evaluate(inkwash.load(lively_model_file), tmp_path, EvalConfig(**cfg, quantize="int8"), progress=False,
+                      report=False)  # fmt: skip
+    identity = json.loads((tmp_path / "identity.json").read_text())
+    assert identity["quantize"] == "int8" and identity["fast"] is False
+    assert result["settings"]["quantize"] == "int8"
+    with pytest.raises(UserError, match="other settings"):  # the float model's images are not these
+        evaluate(inkwash.load(lively_model_file), tmp_path, EvalConfig(**cfg), progress=False, report=False)
+
+
+def test_eval_cli_names_the_run_after_the_quantization(lively_model_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main(["eval", str(lively_model_file), "--limit", "1", "--per-prompt", "1", "--fid", "0", "--tasks", "colors",
+                 "--quantize", "int8-dynamic"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "evals" / "tiny-euler-3-g2-int8-dynamic" / "result.json").is_file()
+
+
+def test_gpu_infer_script_falls_back_to_a_tiny_cpu_run(tmp_path):
+    """scripts/gpu_infer.sh without a GPU: the FLUX benchmark's rows on mmdit-tiny, each timed, none failed."""
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the script runs FLUX.1 at full size")
+    pytest.importorskip("diffusers")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(root / "scripts" / "gpu_infer.sh")], env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads((tmp_path / "bench_infer_flux.json").read_text())
+    assert res["preset"] == "mmdit-tiny" and res["tflop_per_step"] > 0 and res["peak_tflops"] > 0
+    assert [r["name"] for r in res["rows"]] == ["diffusers eager", "ours eager", "ours fp8"]
+    assert all("error" not in r and r["ms"] > 0 and 0 < r["mfu"] < 1 for r in res["rows"]), res["rows"]
+    assert res["max_abs_diff"] < 1e-4  # same weights, same network
