@@ -637,7 +637,7 @@ class Pipeline:
         return {
             "name": self.name,
             "model": config_to_dict(self.model_cfg),
-            "parameters": sum(p.numel() for p in self.net.parameters()),
+            "parameters": sum(p.numel() for p in meta_net.parameters()),  # the architecture's, quantized or not
             "text_encoder": type(self.encoder).__name__,
             "conditioning": conditioning_kind(self.model_cfg),
             "process": self.process.to_dict(),
