@@ -56,10 +56,15 @@ class Pair:
     x: torch.Tensor
 
 
-def _randomise(model: nn.Module, std: float = 0.02) -> None:
+def _randomise(model: nn.Module, std: float | None = None) -> None:
+    """Every matrix drawn N(0, 1 / fan_in) (or N(0, std)), every bias N(0, 0.02); norm scales stay 1, so the
+    activations keep their size through the network and the outputs of the two sides mean something."""
     with torch.no_grad():
-        for p in model.parameters():
-            nn.init.normal_(p, std=std)
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                nn.init.normal_(p, std=std or p[0].numel() ** -0.5)
+            elif name.endswith("bias"):
+                nn.init.normal_(p, std=0.02)
 
 
 def unet_pair(name: str, cfg, size: int, batch: int = 2, tokens: int = 77) -> Pair:
@@ -141,6 +146,7 @@ def time_pair(pair: Pair, steps: int, rounds: int, compile_too: bool) -> dict:
         if pair.theirs is not None:
             other = pair.call_theirs(pair.theirs, pair.x, torch.full((pair.x.shape[0],), 500.0))
             res["max_abs_diff"] = (ref - other).abs().max().item()
+            res["max_abs_out"] = ref.abs().max().item()
     for name, (m, c) in runs.items():  # warm-up: compiles (static shapes: the loop's one shape)
         start = time.perf_counter()
         sample(c, m, pair.x, 2)
@@ -279,7 +285,11 @@ def flux_main(args: argparse.Namespace) -> dict:
     with torch.device("meta"):
         ours = MMDiT(cfg).to(dtype)  # on the meta device: allocated once, in bf16, by to_empty
     ours = ours.to_empty(device=device).eval()
-    _randomise(ours, std=0.01)
+    with torch.no_grad():  # to_empty left the memory as it was: norm scales 1, then every weight drawn
+        for name, p in ours.named_parameters():
+            if p.dim() == 1 and not name.endswith("bias"):
+                p.fill_(1.0)
+    _randomise(ours)
     x, ctx, y = flux_inputs(cfg, size, tokens, device, dtype)
     t = torch.full((1,), 500.0, device=device)
     g = torch.full((1,), 3.5, device=device) if cfg.guidance_embed else None
