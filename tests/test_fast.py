@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_plan_per_device(monkeypatch):
-    assert plan_for("cpu") == Plan(compile=True)
+    assert plan_for("cpu") == Plan()  # nothing measured faster on a CPU yet (docs/fast-inference.md)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert plan_for("cuda") == Plan(precision="bf16", quantize="fp8", compile=True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
@@ -87,9 +87,10 @@ def test_gpu_infer_script_falls_back_to_a_tiny_cpu_run(tmp_path):
         pytest.skip("on a GPU the script runs FLUX.1 at full size")
     pytest.importorskip("diffusers")
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(["bash", str(root / "scripts" / "gpu_infer.sh")], env=env, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "LIMIT_S": "1500"}
+    proc = subprocess.run(
+        ["bash", str(root / "scripts" / "gpu_infer.sh")], env=env, capture_output=True, text=True, timeout=1600
+    )  # fmt: skip (generous limits: a CPU shared with training runs)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     res = json.loads((tmp_path / "bench_infer_flux.json").read_text())
     assert res["preset"] == "mmdit-tiny" and res["tflop_per_step"] > 0 and res["peak_tflops"] > 0

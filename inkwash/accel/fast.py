@@ -10,6 +10,7 @@ before, so every sampler, the server and the evaluation get the same speed-ups.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -37,16 +38,15 @@ class Plan:
 
 
 def plan_for(device: torch.device | str) -> Plan:
-    """The fastest settings measured for this kind of device (docs/results.md, "--fast").
+    """The fastest settings measured for this kind of device (docs/fast-inference.md, "--fast").
 
-    CPU: torch.compile with static shapes (the bundled U-Net, batch 32: 1.0x eager; see results); bf16 autocast
-    is left to --precision because it changes images; channels_last did not help. CUDA: bf16 + compile, plus fp8
-    matmuls on GPUs that have them (Ada, Hopper)."""
+    CUDA: bf16 autocast + torch.compile, plus fp8 matmuls on GPUs that have them (Ada, Hopper). CPU: nothing yet.
+    No setting is on a CPU plan before benchmarks/bench_infer.py shows it faster there: channels_last made no
+    difference to the U-Net (docs/results.md), bf16 changes images (it stays --precision's choice), and
+    torch.compile's measurement did not finish on our shared 2-core CPU."""
     device = torch.device(device)
     if device.type == "cuda":
         return Plan(precision="bf16", quantize="fp8" if fp8_matmul_supported(device) else None, compile=True)
-    if device.type == "cpu":
-        return Plan(compile=True)
     return Plan()
 
 
@@ -54,6 +54,8 @@ def accelerate(pipe, *, quantize_mode: str | None = None, fast: bool = False) ->
     """Apply `--quantize` and/or `--fast` to `pipe` (in place) and return the plan applied; an explicit
     `quantize_mode` overrides the plan's. UserError for a quantization this device cannot run."""
     plan = plan_for(pipe.device) if fast else Plan()
+    if fast and plan == Plan():
+        print(f"inkwash: --fast has no measured speed-up for {pipe.device.type} yet; running as is.", file=sys.stderr)
     if quantize_mode is not None:
         check_mode(quantize_mode, pipe.device)
         plan = dataclasses.replace(plan, quantize=quantize_mode)
