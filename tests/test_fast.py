@@ -105,3 +105,9 @@ def test_info_counts_the_architecture_whatever_its_storage(lively_model_file):
     accelerate(pipe, quantize_mode="int8")
     float_net = inkwash.load(lively_model_file).net
     assert pipe.info()["parameters"] == before == sum(p.numel() for p in float_net.parameters())
+
+
+def test_quantize_refuses_weights_already_stored_another_way(lively_model_file):
+    pipe = inkwash.load(lively_model_file).set_memory(dtype="bf16")
+    with pytest.raises(UserError, match="without --dtype and --offload"):
+        accelerate(pipe, quantize_mode="int8")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from inkwash.accel.quant import check_mode, fp8_matmul_supported, quantize
+from inkwash.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,11 @@ def accelerate(pipe, *, quantize_mode: str | None = None, fast: bool = False) ->
     """Apply `--quantize` and/or `--fast` to `pipe` (in place) and return the plan applied; an explicit
     `quantize_mode` overrides the plan's. UserError for a quantization this device cannot run."""
     plan = plan_for(pipe.device) if fast else Plan()
+    stored = getattr(pipe, "dtype", "fp32") != "fp32" or getattr(pipe, "placement", None) is not None
+    if stored and quantize_mode is not None:
+        raise UserError("--quantize stores the network's weights itself: use it without --dtype and --offload")
+    if stored and plan.quantize:  # the weights already have their storage (--dtype / --offload): keep it
+        plan = dataclasses.replace(plan, quantize=None)
     if fast and plan == Plan():
         print(f"inkwash: --fast has no measured speed-up for {pipe.device.type} yet; running as is.", file=sys.stderr)
     if quantize_mode is not None:
