@@ -118,7 +118,8 @@ def plot(path: Path, series: dict[str, list[tuple[int, dict]]], teacher: list[tu
             for x, y in xy:
                 draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=c)
 
-    panel((60, 30, 420, 290), "overall", 50, "ShapesEval overall (%)")
+    best = max(value(r, "overall") for pts in [*series.values(), teacher] for _, r in pts)
+    panel((60, 30, 420, 290), "overall", 10 * (best // 10 + 1), "ShapesEval overall (%)")
     panel((500, 30, 860, 290), "fid", fid_max, "FID, Shapes features (lower is better)")
     for i, name in enumerate([*series, "teacher"]):
         draw.rectangle([60 + 200 * i, 326, 70 + 200 * i, 336], fill=COLOURS.get(name, (128, 128, 128)))
