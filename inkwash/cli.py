@@ -29,6 +29,7 @@ def _generate(args) -> None:
         args.prompt, negative_prompt=args.negative, n=args.n, seed=args.seed, size=args.size,
         steps=args.steps, sampler=args.sampler, schedule=args.schedule, guidance=args.guidance, rescale=args.rescale,
         precision=precision, refiner=refiner, handoff=args.handoff, class_label=args.class_label,
+        cache=args.cache,
     )  # fmt: skip
     out = Path(args.output)
     for i, img in enumerate(images):
@@ -156,11 +157,14 @@ def _eval(args) -> None:
         per_prompt=args.per_prompt, tasks=tuple(args.tasks or TASKS), seed=args.seed, limit=args.limit,
         batch_size=args.batch_size, fid_images=args.fid, features=args.features, precision=precision,
         workers=args.workers, refiner=args.refiner, handoff=args.handoff, quantize=args.quantize, fast=args.fast,
+        cache=args.cache,
     )  # fmt: skip
-    s = pipe.settings(sampler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance, schedule=cfg.schedule)
+    s = pipe.settings(sampler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance, schedule=cfg.schedule,
+                      cache=cfg.cache)  # fmt: skip
     suffix = "" if precision == "fp32" else f"-{precision}"
     suffix += f"-{args.quantize}" if args.quantize else ""
     suffix += "-fast" if args.fast else ""
+    suffix += f"-{s.cache.replace(':', '-')}" if s.cache else ""
     out = Path(args.output or f"evals/{pipe.name}-{s.sampler}-{s.steps}-g{s.guidance:g}{suffix}")
     result = evaluate(pipe, out, cfg)
     sc, t = result["scores"], result["timing"]
@@ -238,6 +242,9 @@ def _accel_flags(p: argparse.ArgumentParser) -> None:
                    "(GPUs: bf16, torch.compile, fp8 matmuls on Hopper)")  # fmt: skip
 
 
+CACHE_HELP = "step caching: fbcache:THRESHOLD (transformers, e.g. 0.1) or deepcache:INTERVAL[:BRANCH] (U-Nets, e.g. 3)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .accel.offload import OFFLOADS, STORAGE_DTYPES
     from .eval.shapeseval import TASKS
@@ -288,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--handoff", type=float, default=0.8, help="fraction of the denoising the base model does")
     g.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="merge a LoRA (kohya or diffusers/PEFT "
                    "safetensors) into the model, times SCALE (default 1); repeatable")  # fmt: skip
+    g.add_argument("--cache", default=None, help=CACHE_HELP)
     g.add_argument("-o", "--output", default="out", help="a .png path, or a folder for numbered images")
     g.set_defaults(fn=_generate)
 
@@ -345,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--workers", type=int, default=1, help="sampling processes of one thread each (2 on a 2-core CPU)")
     e.add_argument("--refiner", default=None, help="a second model file that finishes each image (base + refiner)")
     e.add_argument("--handoff", type=float, default=0.8, help="with --refiner: the fraction the base denoises")
+    e.add_argument("--cache", default=None, help=CACHE_HELP)
     e.add_argument("-o", "--output", default=None, help="run folder (default evals/MODEL-SAMPLER-STEPS-gGUIDANCE)")
     e.set_defaults(fn=_eval)
 

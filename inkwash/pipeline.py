@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from PIL import Image, PngImagePlugin
 
+from .accel.cache import check_cache, with_step_cache
 from .accel.offload import cast_storage, check_offload, check_storage, offload
 from .data.base import to_uint8_hwc
 from .diffusion import Denoiser, Flow, Process, process_from_dict
@@ -54,6 +55,7 @@ class Sampling:
     guidance: float = 4.0
     schedule: str | None = None
     rescale: float = 0.0
+    cache: str | None = None  # a step cache: "fbcache:0.08", "deepcache:3" (inkwash.accel.cache)
 
     @classmethod
     def from_dict(cls, d: dict) -> Sampling:
@@ -186,6 +188,7 @@ def png_parameters(
     neg = f"\nNegative prompt: {negative}" if negative else ""
     sched = f", Schedule type: {s.schedule}" if s.schedule else ""
     rescale = f", Guidance rescale: {s.rescale}" if s.rescale else ""
+    rescale += f", Cache: {s.cache}" if s.cache else ""
     cfg = f"CFG scale: 1, Distilled CFG Scale: {s.guidance}" if distilled else f"CFG scale: {s.guidance}"
     more = "".join(f", {k}: {v}" for k, v in (extra or {}).items())
     return (
@@ -446,6 +449,8 @@ class Pipeline:
         if s.rescale and self.guidance_distilled:
             raise UserError("guidance rescale needs classifier-free guidance, which a guidance-distilled model "
                             "does not run")  # fmt: skip
+        if s.cache is not None:
+            s.cache = None if (spec := check_cache(self.net, s.cache)) is None else str(spec)
         return s
 
     def times(self, s: Sampling, size: int) -> torch.Tensor:
@@ -549,6 +554,7 @@ class Pipeline:
                 uncond["micro"] = micro_conditions(*args, negative=True)
         learn_sigma = getattr(self.model_cfg, "learn_sigma", False)
         denoiser = Denoiser(self.net if net is None else net, self.process, self.prediction, learn_sigma)
+        denoiser = with_step_cache(denoiser, s.cache)  # a fresh cache per run
         times = self.times(s, size)
         side = size // self.latent_factor
         shape = (1, self.channels, side, side)

@@ -50,6 +50,7 @@ class EvalConfig:
     handoff: float = 0.8  # the fraction of the denoising the base does when there is a refiner
     quantize: str | None = None  # a mode of inkwash.accel.quant (int8, int8-dynamic, fp8), applied to the network
     fast: bool = False  # inkwash.accel.fast's plan for the device (torch.compile, ...)
+    cache: str | None = None  # a step cache (inkwash.accel.cache): "fbcache:0.1", "deepcache:3"
 
     def __post_init__(self):
         if not 1 <= self.per_prompt <= 16:
@@ -287,7 +288,8 @@ def evaluate(pipe, out_dir: str | os.PathLike, cfg: EvalConfig | None = None, *,
     cfg = cfg or EvalConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    s = pipe.settings(sampler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance, schedule=cfg.schedule)
+    s = pipe.settings(sampler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance, schedule=cfg.schedule,
+                      cache=cfg.cache)  # fmt: skip
     sampling = dataclasses.asdict(s)
     rest = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in sampling and k != "batch_size"}
     settings = {"benchmark": VERSION, "model": pipe.name, **sampling, **rest}
