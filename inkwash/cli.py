@@ -239,7 +239,7 @@ def _accel_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", default=None, choices=MODES, help="quantize the network's linear layers: int8 "
                    "weights, int8 weights and activations, or fp8 weights (docs/fast-inference.md)")  # fmt: skip
     p.add_argument("--fast", action="store_true", help="the fastest settings measured for this device "
-                   "(GPUs: bf16, torch.compile, fp8 matmuls on Hopper)")  # fmt: skip
+                   "(CPU: torch.compile; GPUs: also bf16 and fp8 matmuls on Hopper)")  # fmt: skip
 
 
 CACHE_HELP = "step caching: fbcache:THRESHOLD (transformers, e.g. 0.1) or deepcache:INTERVAL[:BRANCH] (U-Nets, e.g. 3)"

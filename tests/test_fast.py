@@ -23,7 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_plan_per_device(monkeypatch):
-    assert plan_for("cpu") == Plan()  # nothing measured faster on a CPU yet (docs/fast-inference.md)
+    assert plan_for("cpu") == Plan(compile=True)
+    assert plan_for("mps") == Plan()  # nothing measured there
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert plan_for("cuda") == Plan(precision="bf16", quantize="fp8", compile=True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
