@@ -1,5 +1,5 @@
 """`inkwash generate | train | distill | train-vae | cache-latents | eval | eval-vae | leaderboard | serve | info |
-export-diffusers`.
+export-diffusers | export-onnx`.
 
 A user mistake (UserError) is printed as one sentence on stderr with exit code 2, never a traceback.
 """
@@ -15,16 +15,26 @@ from .errors import UserError
 
 
 def _generate(args) -> None:
-    from .pipeline import load, save_png
+    from .pipeline import ONNX_MANIFEST, load, load_onnx, save_png
 
     opts = {"tokenizer": args.tokenizer, "prediction": args.prediction, "text_encoders": args.text_encoders}
     memory = {"dtype": args.dtype, "offload_mode": args.offload, "vae_tile": args.vae_tiling, "device": args.device}
-    pipe = load(args.model, **opts)
+    if args.onnx and args.model:
+        raise UserError("give either --model or --onnx, not both")
+    onnx = args.onnx or (args.model if args.model and (Path(args.model) / ONNX_MANIFEST).is_file() else None)
+    if onnx and (args.lora or args.refiner):
+        raise UserError("an ONNX export runs as it was exported: it takes no --lora or --refiner")
+    if onnx and (args.dtype != "fp32" or args.offload != "none" or args.vae_tiling or args.quantize or args.fast
+                 or args.cache or args.precision not in (None, "fp32")):  # fmt: skip
+        raise UserError("an ONNX export runs in float32 through onnxruntime; --dtype, --offload, --vae-tiling, "
+                        "--quantize, --fast, --cache and --precision do not apply to it")  # fmt: skip
+    pipe = load_onnx(onnx, args.device) if onnx else load(args.model, **opts)
     for spec in args.lora or []:  # merged into fp32 weights, before they are stored in another dtype or offloaded
         print(pipe.add_lora(*_lora_spec(spec)).summary(), file=sys.stderr)
-    pipe.set_memory(**memory)
+    if not onnx:
+        pipe.set_memory(**memory)
     refiner = load(args.refiner, **opts).set_memory(**memory) if args.refiner else None
-    precision = _accelerate([pipe, refiner], args)
+    precision = "fp32" if onnx else _accelerate([pipe, refiner], args)
     images = pipe(
         args.prompt, negative_prompt=args.negative, n=args.n, seed=args.seed, size=args.size,
         steps=args.steps, sampler=args.sampler, schedule=args.schedule, guidance=args.guidance, rescale=args.rescale,
@@ -60,6 +70,15 @@ def _accelerate(pipes: list, args) -> str:
 
     plans = [accelerate(p, quantize_mode=args.quantize, fast=args.fast) for p in pipes if p is not None]
     return args.precision or plans[0].precision
+
+
+def _export_onnx(args) -> None:
+    from .accel.onnx import export_onnx
+    from .pipeline import load
+
+    if args.model is not None and Path(args.model).is_dir():
+        raise UserError(f"{args.model} is a folder; export-onnx takes an inkwash model file")
+    print(export_onnx(load(args.model), args.output, size=args.size))
 
 
 def _numbered(out: Path, seed: int) -> Path:
@@ -259,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--class-label", dest="class_label", type=int, default=None, metavar="N",
                    help="a class-conditional model's class (ImageNet DiT: 0..999); CFG: the null class")  # fmt: skip
     g.add_argument("--model", default=None, help="an inkwash model file, a Stable Diffusion 1.x/2.x/XL, SD3 or FLUX.1 "
-                   ".safetensors single file or a diffusers folder (default: the bundled Shapes model)")  # fmt: skip
+                   ".safetensors single file, a diffusers folder or an export-onnx folder (default: the bundled "
+                   "Shapes model)")  # fmt: skip
     g.add_argument("--tokenizer", default=None, metavar="FOLDER", help="for a single file: the CLIP tokenizer "
                    "folder (vocab.json, merges.txt); default $INKWASH_CLIP_TOKENIZER, else tokenizer/ beside "
                    "it")  # fmt: skip
@@ -269,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-encoders", dest="text_encoders", default=None, metavar="FOLDER", help="for a FLUX.1 or "
                    "SD3 single file: a folder laid out like its diffusers repository (text_encoder*/, tokenizer*/, "
                    "FLUX: vae/); default $INKWASH_TEXT_ENCODERS, else the file's folder")  # fmt: skip
+    g.add_argument("--onnx", default=None, metavar="FOLDER", help="run an `inkwash export-onnx` folder through "
+                   "onnxruntime (the same samplers, guidance and seeds)")  # fmt: skip
     g.add_argument("--negative", default="", help="negative prompt")
     g.add_argument("--steps", type=int, default=None)
     g.add_argument("--sampler", default=None, help=f"one of: {', '.join(SAMPLERS)}")
@@ -298,6 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache", default=None, help=CACHE_HELP)
     g.add_argument("-o", "--output", default="out", help="a .png path, or a folder for numbered images")
     g.set_defaults(fn=_generate)
+
+    ox = sub.add_parser("export-onnx", help="export a model's text encoder, network and VAE decoder to ONNX")
+    ox.add_argument("model", nargs="?", default=None, help="an inkwash model file (default: the bundled model)")
+    ox.add_argument("-o", "--output", required=True, help="the folder to write (graphs and inkwash-onnx.json)")
+    ox.add_argument("--size", type=int, default=None, help="image side in pixels the graphs take (default: the "
+                    "model's)")  # fmt: skip
+    ox.set_defaults(fn=_export_onnx)
 
     t = _run_parser(sub, "train", "train a model (runs unchanged under torchrun)", "inkwash.train.TrainConfig")
     t.add_argument("--eval-every", dest="eval_every", type=int, default=None, metavar="N",

@@ -37,6 +37,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLED = ASSETS / "shapes-unet-lcm.safetensors"
 BUNDLED_TEACHER = ASSETS / "shapes-unet.safetensors"  # its teacher (recipes/bundled.json): 20 steps with CFG
 MAX_PROMPT_CHARS = 1000
+ONNX_MANIFEST = "inkwash-onnx.json"  # marks a folder `inkwash export-onnx` wrote (accel.onnx.MANIFEST)
 
 
 def default_model_path() -> Path:
@@ -734,10 +735,16 @@ def load(path_or_preset: str | os.PathLike | None = None, device: str | torch.de
          text_encoders: str | os.PathLike | None = None, dtype: str = "fp32", offload: str = "none",
          vae_tile: int | None = None) -> Pipeline:  # fmt: skip
     """`inkwash.load()`: the bundled model; a path: an inkwash model file, a Stable Diffusion / SDXL single file or
-    a diffusers folder (`tokenizer`, `prediction`: see `Pipeline.from_file`); a preset name: untrained weights.
-    `dtype`, `offload` and `vae_tile` trade speed for memory (see `Pipeline.set_memory`)."""
+    a diffusers folder (`tokenizer`, `prediction`: see `Pipeline.from_file`), or a folder `inkwash export-onnx`
+    wrote (run through onnxruntime); a preset name: untrained weights. `dtype`, `offload` and `vae_tile` trade
+    speed for memory (see `Pipeline.set_memory`)."""
     check_storage(dtype)
     check_offload(offload)
+    if path_or_preset is not None and (Path(path_or_preset) / ONNX_MANIFEST).is_file():
+        if dtype != "fp32" or offload != "none" or vae_tile:
+            raise UserError("an ONNX export runs in float32 through onnxruntime; dtype, offload and VAE tiling do not "
+                            "apply to it")  # fmt: skip
+        return load_onnx(path_or_preset, device)
     if path_or_preset is None:
         pipe = Pipeline.from_file(default_model_path())
     else:
@@ -747,3 +754,12 @@ def load(path_or_preset: str | os.PathLike | None = None, device: str | torch.de
         else:
             pipe = Pipeline.from_preset(str(path_or_preset))
     return pipe.set_memory(dtype=dtype, offload_mode=offload, vae_tile=vae_tile, device=device)
+
+
+def load_onnx(folder: str | os.PathLike, device: str | torch.device = "cpu") -> Pipeline:
+    """A folder `inkwash export-onnx` wrote: a Pipeline whose network, text encoder and autoencoder run in
+    onnxruntime (`accel.onnx`), sampled by the same samplers."""
+    from .accel.onnx import onnx_parts
+
+    parts = onnx_parts(folder)
+    return Pipeline(**parts, sampling=Sampling.from_dict(parts["meta"].get("sampling", {}))).to(device)

@@ -72,28 +72,38 @@ class MiniLMEncoder(TextEncoder):
         """Stay in eval mode: the encoder is frozen (dropout off)."""
         return super().train(False)
 
-    def _check_lengths(self, prompts: list[str]) -> None:
-        lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=True)["input_ids"]]
-        for prompt, n in zip(prompts, lengths):
-            if n > self.max_length:
-                raise UserError(
-                    f"Prompt {prompt[:40]!r} is {n} tokens long; the MiniLM encoder takes at most "
-                    f"{self.max_length} (raise max_length or enable truncation)."
-                )
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> input ids [B, L] long and attention mask [B, L] long, padded to the longest prompt (on the CPU)."""
+        return tokenize(self.tokenizer, prompts, self.max_length, self.truncate)
+
+    def encode_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextEmbedding:
+        """Token ids -> embedding; single-sentence inputs, so the token type ids are BERT's default zeros."""
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, 384]
+        mask = attention_mask.to(hidden.device).bool()  # [B, L]; hidden's device under sequential offload
+        tokens = hidden * mask.unsqueeze(-1)
+        return TextEmbedding(tokens, mask, mean_pool(hidden, mask))
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> TextEmbedding:
-        prompts = list(prompts)
-        if not self.truncate:
-            self._check_lengths(prompts)
         device = self.model.embeddings.word_embeddings.weight.device
-        enc = self.tokenizer(
-            prompts, padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
-        ).to(device)
-        hidden = self.model(**enc).last_hidden_state  # [B, L, 384]
-        mask = enc["attention_mask"].to(hidden.device).bool()  # [B, L]; hidden's device under sequential offload
-        tokens = hidden * mask.unsqueeze(-1)
-        return TextEmbedding(tokens, mask, mean_pool(hidden, mask))
+        ids, mask = self.tokenize(prompts)
+        return self.encode_ids(ids.to(device), mask.to(device))
+
+
+def tokenize(tokenizer, prompts: list[str], max_length: int, truncate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """MiniLM's tokenization (also used by the ONNX export's encoder): ids and attention mask [B, L] long, padded
+    to the longest prompt; a prompt over `max_length` tokens is truncated, or a UserError without `truncate`."""
+    prompts = list(prompts)
+    if not truncate:
+        lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
+        for prompt, n in zip(prompts, lengths):
+            if n > max_length:
+                raise UserError(
+                    f"Prompt {prompt[:40]!r} is {n} tokens long; the MiniLM encoder takes at most "
+                    f"{max_length} (raise max_length or enable truncation)."
+                )
+    enc = tokenizer(prompts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
 
 
 def _quiet(load):

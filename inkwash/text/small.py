@@ -122,9 +122,16 @@ class SmallTextEncoder(TextEncoder):
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
 
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> ids [B, L] long and mask [B, L] bool (on the CPU)."""
+        return self.tokenizer(list(prompts), truncate=self.truncate)
+
     def forward(self, prompts: list[str]) -> TextEmbedding:
-        ids, mask = self.tokenizer(list(prompts), truncate=self.truncate)
-        ids, mask = ids.to(self.pos.device), mask.to(self.pos.device)
+        ids, mask = self.tokenize(prompts)
+        return self.encode_ids(ids.to(self.pos.device), mask.to(self.pos.device))
+
+    def encode_ids(self, ids: torch.Tensor, mask: torch.Tensor) -> TextEmbedding:
+        """Token ids [B, L] and mask [B, L] (True at real tokens) -> embedding."""
         x = self.embed(ids) + self.pos[: ids.shape[1]]  # [B, L, D]
         for block in self.blocks:
             x = block(x, mask)
