@@ -167,6 +167,17 @@ def _split(key: str, table: Mapping) -> tuple[str, str] | None:
     return None
 
 
+def _join_fused(fused: dict[str, list], out: dict[str, torch.Tensor], parts_name: str) -> list[str]:
+    """Concatenate each fused projection's parts into `out` (rows in order); the keys that lack a part."""
+    missing = []
+    for key, parts in fused.items():
+        if any(p is None for p in parts):
+            missing.append(f"{key} ({parts_name})")
+        else:
+            out[key] = torch.cat(parts, dim=0)
+    return missing
+
+
 def unet_from_ldm(sd: Mapping[str, torch.Tensor], cfg: UNetConfig) -> dict[str, torch.Tensor]:
     """An LDM U-Net state dict (without `model.diffusion_model.`) -> inkwash UNet's: q/k/v fused, 1x1-conv
     projections as linear. UserError listing unmatched and missing keys."""
@@ -202,13 +213,7 @@ def unet_from_ldm(sd: Mapping[str, torch.Tensor], cfg: UNetConfig) -> dict[str, 
             if re.fullmatch(r"proj_(in|out)\.weight", rest) and value.dim() == 4:  # SD 1.x: 1x1 conv
                 value = value.flatten(1)
         out[f"{ours}.{rest}"] = value
-    missing = []
-    for key, parts in fused.items():
-        if any(p is None for p in parts):
-            missing.append(f"{key} (a part of the fused projection)")
-        else:
-            out[key] = torch.cat(parts, dim=0)
-    report("the U-Net in this checkpoint", unmatched, missing)
+    report("the U-Net in this checkpoint", unmatched, _join_fused(fused, out, "a part of the fused projection"))
     return out
 
 
@@ -279,13 +284,7 @@ def vae_from_ldm(sd: Mapping[str, torch.Tensor], cfg: VAEConfig) -> dict[str, to
             out[new] = value
         else:
             fused.setdefault(new, [None] * 3)[index] = value
-    missing = []
-    for key, parts in fused.items():
-        if any(p is None for p in parts):
-            missing.append(f"{key} (q, k and v)")
-        else:
-            out[key] = torch.cat(parts, dim=0)
-    report("the autoencoder in this checkpoint", unmatched, missing)
+    report("the autoencoder in this checkpoint", unmatched, _join_fused(fused, out, "q, k and v"))
     return out
 
 
