@@ -246,6 +246,7 @@ _BACK = [
     (r"^up\.(\d+)\.resample\.conv\.", r"up_blocks.\1.upsamplers.0.conv."),
     (r"^mid\.res\.(\d)\.", r"mid_block.resnets.\1."),
     (r"^mid_attn\.", "mid_block.attentions.0."),
+    (r"^guidance_in\.", "time_embedding.cond_proj."),  # LCM: time_cond_proj_dim
     (r"(resnets\.\d+)\.emb_proj\.", r"\1.time_emb_proj."),
     (r"(resnets\.\d+)\.skip\.", r"\1.conv_shortcut."),
     (r"\.blocks\.(\d+)\.", r".transformer_blocks.\1."),
