@@ -38,12 +38,14 @@ COLOURS = {"teacher": (0, 0, 0), "lcm": (31, 119, 180), "progressive": (255, 127
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr", "paraphrase")
 
 
-def evaluate(model: Path, steps: int, out: Path, workers: int, fid: int, limit: int | None) -> dict:
+def evaluate(model: Path, steps: int | None, out: Path, workers: int, fid: int, limit: int | None,
+             extra: tuple[str, ...] = ()) -> dict:
     """The eval's result.json (running `inkwash eval` first unless it finished before)."""
     result = out / "result.json"
     if not result.exists():
-        cmd = [sys.executable, "-m", "inkwash.cli", "eval", str(model), "--steps", str(steps), "--workers",
-               str(workers), "--fid", str(fid), "-o", str(out)]  # fmt: skip
+        cmd = [sys.executable, "-m", "inkwash.cli", "eval", str(model), "--workers", str(workers), "--fid", str(fid),
+               "-o", str(out), *extra]  # fmt: skip
+        cmd += ["--steps", str(steps)] if steps else []
         cmd += ["--limit", str(limit)] if limit else []
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)

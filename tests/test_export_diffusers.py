@@ -29,12 +29,14 @@ UNET = dict(in_channels=4, out_channels=4, norm_num_groups=8, cross_attention_di
             layers_per_block=1, attention_head_dim=(2, 4), use_linear_projection=True,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))  # fmt: skip
+LCM = UNET | dict(time_cond_proj_dim=16)  # an LCM student: the guidance scale is an input (time_embedding.cond_proj)
 SDXL = UNET | dict(addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=60)
 TINY = PRESETS["mmdit-tiny"]
 FLOW = {"kind": "flow", "shift": 3.0}
 VP = {"kind": "vp", "schedule": "scaled_linear", "n": 1000, "beta_start": 0.00085, "beta_end": 0.012}
 KINDS = {  # name: (our config, process, prediction, component, diffusers class)
     "unet": (unet_config_from_diffusers(UNET), VP, "eps", "unet", "UNet2DConditionModel"),
+    "unet-lcm": (unet_config_from_diffusers(LCM), VP, "eps", "unet", "UNet2DConditionModel"),
     "unet-sdxl": (unet_config_from_diffusers(SDXL), VP, "v", "unet", "UNet2DConditionModel"),
     "dit": (dit_config_from_diffusers(dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
                                            num_layers=2, sample_size=8, num_embeds_ada_norm=10)),
@@ -77,6 +79,11 @@ def _inputs(cfg):
 def _theirs_output(kind, theirs, x, t, ctx, y):
     if kind == "unet":
         return theirs(x, t, ctx).sample
+    if kind == "unet-lcm":
+        from diffusers import LatentConsistencyModelPipeline as Lcm
+
+        w = torch.tensor([5.0, 2.0])  # inkwash's scale; diffusers' pipeline embeds w - 1
+        return theirs(x, t, ctx, timestep_cond=Lcm.get_guidance_scale_embedding(None, w - 1, 16)).sample
     if kind == "unet-sdxl":
         micro = torch.tensor([[64.0, 48, 0, 8, 32, 32], [1024, 1024, 16, 0, 32, 32]])
         return theirs(x, t, ctx, added_cond_kwargs={"text_embeds": y, "time_ids": micro}).sample
@@ -99,6 +106,8 @@ def _ours_output(kind, net, x, t, ctx, y):
         return net(x, t, context=ctx, y=y, micro=micro)
     if kind == "dit":
         return net(x, t, y=torch.tensor([3, 10]))
+    if kind == "unet-lcm":
+        return net(x, t, context=ctx, guidance=torch.tensor([5.0, 2.0]))
     if kind == "flux":
         return net(x, t, context=ctx, y=y, guidance=torch.tensor([3.5, 1.0]))
     return net(x, t, context=ctx, y=y)

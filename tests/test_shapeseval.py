@@ -18,6 +18,7 @@ from inkwash.eval.shapeseval import (
     bootstrap,
     build_prompts,
     load_prompts,
+    paired_difference,
     relations_between,
     score,
 )
@@ -110,3 +111,29 @@ def test_bootstrap_overall_leaves_paraphrase_out():
     correct = {"colors": np.ones((10, 4), bool), "paraphrase": np.zeros((10, 4), bool)}
     s = bootstrap(correct, n=100)
     assert s["overall"]["mean"] == 1.0 and s["paraphrase"]["mean"] == 0.0 and s["colors"]["images"] == 40
+
+
+def test_paired_difference_matches_the_normal_approximation_and_beats_two_separate_intervals():
+    rng = np.random.default_rng(1)
+    a = {t: rng.random((400, 2)) < 0.5 for t in ("counting", "colors")}
+    flip = {t: rng.random((400, 2)) < 0.1 for t in a}  # b: a with 10% of verdicts flipped
+    b = {t: a[t] ^ flip[t] for t in a}
+    d = paired_difference(a, b, n=2000)
+    for t in a:
+        per_prompt = (b[t].astype(float) - a[t]).mean(axis=1)
+        assert d[t]["mean"] == pytest.approx(per_prompt.mean())
+        width = 2 * 1.96 * per_prompt.std() / np.sqrt(400)
+        assert d[t]["lo"] < d[t]["mean"] < d[t]["hi"]
+        assert abs((d[t]["hi"] - d[t]["lo"]) - width) < 0.15 * width
+        separate = bootstrap(a, n=500)[t]
+        assert d[t]["hi"] - d[t]["lo"] < 0.75 * (separate["hi"] - separate["lo"])
+    assert d["agree"] == pytest.approx(1 - np.mean([flip[t].mean() for t in a]))
+    assert d["overall"]["mean"] == pytest.approx(np.mean([d[t]["mean"] for t in a]))
+
+
+def test_paired_difference_of_a_run_with_itself_is_exactly_zero_and_mismatched_runs_are_refused():
+    a = {"colors": np.random.default_rng(2).random((30, 4)) < 0.5}
+    d = paired_difference(a, a, n=100)
+    assert d["colors"] == {"mean": 0.0, "lo": 0.0, "hi": 0.0} and d["agree"] == 1.0
+    with pytest.raises(ValueError, match="same ones"):
+        paired_difference(a, {"colors": a["colors"][:20]})

@@ -241,6 +241,38 @@ def bootstrap(correct: dict[str, np.ndarray], n: int = 1000, seed: int = 0, leve
     return out
 
 
+def paired_difference(
+    a: dict[str, np.ndarray], b: dict[str, np.ndarray], n: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict:
+    """Score of `b` minus score of `a` with a paired percentile interval, for two evaluations of the same prompts
+    and seeds (a model with and without a cache, say). Each bootstrap draw resamples prompts within each task and
+    uses the same draw for both runs, so what the two share (which prompts are hard) cancels and the interval is
+    far narrower than the two separate intervals suggest. Also the share of images whose verdict is unchanged."""
+    tasks = [t for t in TASKS if t in a and t in b]
+    for t in tasks:
+        if a[t].shape != b[t].shape:
+            raise ValueError(f"{t}: {a[t].shape} and {b[t].shape} images; a paired comparison needs the same ones")
+    rng = np.random.default_rng(seed)
+    diff = {t: b[t].astype(float) - a[t].astype(float) for t in tasks}
+    means = {t: float(diff[t].mean()) for t in tasks}
+    boots = {}
+    for t in tasks:
+        idx = rng.integers(0, len(diff[t]), (n, len(diff[t])))
+        boots[t] = diff[t].mean(axis=1)[idx].mean(axis=1)
+    core = [t for t in tasks if t in GENEVAL_TASKS]
+    if core:
+        means["overall"] = float(np.mean([means[t] for t in core]))
+        boots["overall"] = np.mean([boots[t] for t in core], axis=0)
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+    out = {}
+    for t in (["overall"] if core else []) + tasks:
+        lo, hi = np.percentile(boots[t], q)
+        out[t] = {"mean": means[t], "lo": float(lo), "hi": float(hi)}
+    same = sum(int((a[t] == b[t]).sum()) for t in tasks)
+    out["agree"] = same / sum(a[t].size for t in tasks)
+    return out
+
+
 def write_prompts_file(path: Path = PROMPTS_FILE) -> Path:
     """(Re)write the shipped prompt file from `build_prompts` (run when making a new version)."""
     prompts = build_prompts()
