@@ -221,7 +221,8 @@ def _serve(args) -> None:
     limits = Limits(max_size=args.max_size, max_steps=args.max_steps, max_n=args.max_n, max_queue=args.max_queue)
     cfg = ServeConfig(
         models=args.model or [None], data_dir=args.data_dir, limits=limits, api_keys=keys, max_rows=args.max_batch,
-        max_active=args.max_active, precision=args.precision, device=args.device, arena=arena,
+        max_active=args.max_active, precision=args.precision, device=args.device, arena=arena, dtype=args.dtype,
+        offload=args.offload, quantize=args.quantize, fast=args.fast, cache=args.cache,
     )  # fmt: skip
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be between 1 and 65535, got {args.port}")
@@ -261,11 +262,19 @@ def _accel_flags(p: argparse.ArgumentParser) -> None:
                    "(CPU: torch.compile; GPUs: also bf16 and fp8 matmuls on Hopper)")  # fmt: skip
 
 
+def _storage_flags(p: argparse.ArgumentParser) -> None:
+    from .accel.offload import OFFLOADS, STORAGE_DTYPES
+
+    p.add_argument("--dtype", default="fp32", choices=list(STORAGE_DTYPES), help="weight storage: bf16/fp16 "
+                   "halve memory and compute in it; fp8: Linear/Conv weights in 8 bits, upcast at use")  # fmt: skip
+    p.add_argument("--offload", default="none", choices=OFFLOADS, help="keep weights on the CPU: model (each "
+                   "component on --device only while used), sequential (each layer only for its forward)")  # fmt: skip
+
+
 CACHE_HELP = "step caching: fbcache:THRESHOLD (transformers, e.g. 0.1) or deepcache:INTERVAL[:BRANCH] (U-Nets, e.g. 3)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .accel.offload import OFFLOADS, STORAGE_DTYPES
     from .eval.shapeseval import TASKS
     from .pipeline import DEFAULT_VAE_TILE, PRECISIONS
     from .sampling import SAMPLERS, SCHEDULES
@@ -304,11 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", default=None, choices=PRECISIONS, help="network precision (bf16: autocast; "
                    "default fp32, or what --fast picks)")  # fmt: skip
     _accel_flags(g)
-    g.add_argument("--dtype", default="fp32", choices=list(STORAGE_DTYPES), help="weight storage: bf16/fp16 "
-                   "halve memory and compute in it; fp8: Linear/Conv weights in 8 bits, upcast at use")  # fmt: skip
+    _storage_flags(g)
     g.add_argument("--device", default="cpu", help="where the networks run (cpu, cuda, cuda:1, mps)")
-    g.add_argument("--offload", default="none", choices=OFFLOADS, help="keep weights on the CPU: model (each "
-                   "component on --device only while used), sequential (each layer only for its forward)")  # fmt: skip
     g.add_argument("--vae-tiling", dest="vae_tiling", type=int, nargs="?", const=DEFAULT_VAE_TILE, default=None,
                    metavar="LATENT_TILE", help="decode the image in overlapping tiles of this many latent positions "
                    f"a side (default {DEFAULT_VAE_TILE}: 512 px at f = 8)")  # fmt: skip
@@ -408,8 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-steps", dest="max_steps", type=int, default=100)
     sv.add_argument("--max-n", dest="max_n", type=int, default=8)
     sv.add_argument("--max-queue", dest="max_queue", type=int, default=256, help="waiting requests before 429")
-    sv.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    sv.add_argument("--precision", default=None, choices=PRECISIONS, help="network precision (default fp32, or "
+                    "what --fast picks)")  # fmt: skip
     sv.add_argument("--device", default="cpu")
+    _accel_flags(sv)
+    _storage_flags(sv)
+    sv.add_argument("--cache", default=None, help="every request's default step cache: " + CACHE_HELP.split(": ", 1)[1])
     sv.add_argument("--arena", default=None, help='a JSON list of contestants {"name", "model", "settings"}')
     sv.set_defaults(fn=_serve)
 

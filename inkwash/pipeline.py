@@ -528,7 +528,8 @@ class Pipeline:
     ) -> SamplingRun:
         """Validate, encode the text (or take the class labels) and draw the starting noise: everything `generate`
         samples with. `net` replaces the network (the server's engine passes a stand-in that batches across
-        requests). A class-conditional model takes `class_label` (one, or one per image) and no prompt."""
+        requests and runs the request's step cache itself). A class-conditional model takes `class_label` (one,
+        or one per image) and no prompt."""
         prompts = _prompt_list(prompt)
         labels = self.check_conditioning(prompts, negative_prompt, class_label)
         if labels is not None:
@@ -555,7 +556,8 @@ class Pipeline:
                 uncond["micro"] = micro_conditions(*args, negative=True)
         learn_sigma = getattr(self.model_cfg, "learn_sigma", False)
         denoiser = Denoiser(self.net if net is None else net, self.process, self.prediction, learn_sigma)
-        denoiser = with_step_cache(denoiser, s.cache)  # a fresh cache per run
+        if net is None:
+            denoiser = with_step_cache(denoiser, s.cache)  # a fresh cache per run
         times = self.times(s, size)
         side = size // self.latent_factor
         shape = (1, self.channels, side, side)

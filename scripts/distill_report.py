@@ -38,8 +38,9 @@ COLOURS = {"teacher": (0, 0, 0), "lcm": (31, 119, 180), "progressive": (255, 127
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr", "paraphrase")
 
 
-def evaluate(model: Path, steps: int | None, out: Path, workers: int, fid: int, limit: int | None,
-             extra: tuple[str, ...] = ()) -> dict:
+def evaluate(
+    model: Path, steps: int | None, out: Path, workers: int, fid: int, limit: int | None, extra: tuple[str, ...] = ()
+) -> dict:
     """The eval's result.json (running `inkwash eval` first unless it finished before)."""
     result = out / "result.json"
     if not result.exists():

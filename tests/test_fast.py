@@ -43,6 +43,25 @@ def test_compiled_channels_last_network_matches_eager(lively_model_file):
     torch.testing.assert_close(pipe.generate("a red circle", seed=3), ref, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("dynamic, graphs", [(False, 3), (True, 2)])
+def test_a_server_compiles_for_any_batch_size_rather_than_one_graph_per_size(lively_model_file, dynamic, graphs):
+    """`serve --fast` compiles with dynamic shapes: batches of 2, 4 and 6 rows cost two compilations (the first
+    shape, then one graph for every size) where static shapes cost one per size."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    pipe, counter = inkwash.load(lively_model_file), CompileCounter()
+    net = apply(pipe.net, Plan(compile=True), backend=counter, dynamic=dynamic)
+    ctx = torch.randn(1, 3, pipe.net.cfg.context_dim)
+    with torch.no_grad():
+        for b in (2, 4, 6):
+            x = torch.randn(b, pipe.channels, 16, 16)
+            torch.testing.assert_close(net(x, torch.full((b,), 500.0), context=ctx.expand(b, -1, -1)),
+                                       pipe.net(x, torch.full((b,), 500.0), context=ctx.expand(b, -1, -1)))  # fmt: skip
+    assert counter.frame_count == graphs
+    torch._dynamo.reset()
+
+
 def test_generate_quantized_records_it_in_the_png(lively_model_file, tmp_path, capsys):
     out = tmp_path / "q.png"
     code = main(["generate", "a red circle", "--model", str(lively_model_file), "--quantize", "int8", "-o", str(out)])

@@ -398,6 +398,56 @@ def test_requests_join_and_leave_between_steps(lively_model_file):
         assert (done[name] - want).abs().max() < 2 / 255
 
 
+def test_cached_requests_keep_their_own_cache_and_equal_their_single_renders(lively_model_file):
+    """Two requests with a step cache, one without, all running at once: each cached request's forwards run
+    apart (its cache follows its own steps), and every image equals `generate` with the same settings."""
+    pipe = Pipeline.from_file(lively_model_file)
+    engine = Engine({"tiny": pipe}, max_rows=64).start()
+    done = {}
+    specs = {"a": ("deepcache:2", 7), "b": ("deepcache:3:1", 5), "c": (None, 6)}
+    for name, (cache, steps) in specs.items():
+        settings = {"sampler": "dpmpp_2m", "steps": steps, "guidance": 2.0, "cache": cache}
+        engine.submit(Work(name, "tiny", f"a circle {name}", "", 2, 5, 16, settings,
+                           on_done=lambda x, name=name: done.__setitem__(name, x)))  # fmt: skip
+    assert wait_idle(engine)
+    engine.stop()
+    assert set(done) == set(specs)
+    for name, (cache, steps) in specs.items():
+        want = pipe.generate(f"a circle {name}", n=2, seed=5, size=16, sampler="dpmpp_2m", steps=steps,
+                             guidance=2.0, cache=cache)  # fmt: skip
+        assert (done[name] - want).abs().max() < 2 / 255
+        if cache:  # the cache really skipped work: uncached images differ
+            plain = pipe.generate(f"a circle {name}", n=2, seed=5, size=16, sampler="dpmpp_2m", steps=steps,
+                                  guidance=2.0)  # fmt: skip
+            assert (done[name] - plain).abs().max() > 2 / 255
+
+
+def test_serve_applies_quantization_and_a_default_cache_and_says_so(lively_model_file, tmp_path):
+    """`inkwash serve --quantize int8 --cache deepcache:2`: each image equals `generate` with the same model
+    quantized and the same cache, and its PNG parameters name both."""
+    from inkwash.accel.fast import accelerate
+
+    cfg = ServeConfig(models=[lively_model_file], data_dir=tmp_path, limits=Limits(max_size=32), quantize="int8",
+                      cache="deepcache:2")  # fmt: skip
+    with TestClient(create_app(cfg)) as c:
+        out = c.post("/v1/images/generations", json={"prompt": "a red circle", "seed": 4, "steps": 6}).json()
+    assert out["request"]["cache"] == "deepcache:2"
+    img = decode(out["data"][0]["b64_json"])
+    assert "Cache: deepcache:2" in img.info["parameters"] and "Quantize: int8" in img.info["parameters"]
+    pipe = Pipeline.from_file(lively_model_file)
+    accelerate(pipe, quantize_mode="int8")
+    want = to_uint8_hwc(pipe.generate("a red circle", seed=4, steps=6, cache="deepcache:2"))
+    assert np.abs(np.asarray(img, dtype=int) - want[0].astype(int)).max() <= 2
+
+
+def test_serve_refuses_a_cache_the_model_cannot_take_in_one_sentence(lively_model_file, tmp_path):
+    from inkwash.errors import UserError
+
+    cfg = ServeConfig(models=[lively_model_file], data_dir=tmp_path, cache="fbcache:0.1")
+    with pytest.raises(UserError, match="fbcache needs a transformer"):
+        create_app(cfg)
+
+
 # --- fuzzing: no request body gets a 5xx or a traceback -----------------------------------------------------
 
 ANY = st.one_of(

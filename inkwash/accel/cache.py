@@ -98,16 +98,21 @@ def uncompiled(net: nn.Module) -> nn.Module:
     return getattr(net, "_orig_mod", net)
 
 
-def with_step_cache(denoiser: Denoiser, spec: CacheSpec | str | None) -> Denoiser:
-    """The same denoiser with its network behind a step cache (a fresh one, so nothing carries over); the cache
-    is `result.net` (its `log` says what each call computed)."""
-    spec = check_cache(denoiser.net, spec)
+def make_cache(net: nn.Module, spec: CacheSpec | str | None) -> StepCache | None:
+    """A fresh step cache around `net` (None for no cache): call it as the network; its `log` says what each
+    call computed."""
+    spec = check_cache(net, spec)
     if spec is None:
-        return denoiser
-    net = uncompiled(denoiser.net)
-    cache = FirstBlockCache(net, spec.threshold) if spec.method == "fbcache" else \
+        return None
+    net = uncompiled(net)
+    return FirstBlockCache(net, spec.threshold) if spec.method == "fbcache" else \
         DeepCache(net, spec.interval, spec.branch)  # fmt: skip
-    return Denoiser(cache, denoiser.process, denoiser.prediction, denoiser.learn_sigma)
+
+
+def with_step_cache(denoiser: Denoiser, spec: CacheSpec | str | None) -> Denoiser:
+    """The same denoiser with its network behind a fresh step cache (nothing carries over between runs)."""
+    cache = make_cache(denoiser.net, spec)
+    return denoiser if cache is None else Denoiser(cache, denoiser.process, denoiser.prediction, denoiser.learn_sigma)
 
 
 class StepCache(nn.Module):

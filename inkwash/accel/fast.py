@@ -52,9 +52,10 @@ def plan_for(device: torch.device | str) -> Plan:
     return Plan()
 
 
-def accelerate(pipe, *, quantize_mode: str | None = None, fast: bool = False) -> Plan:
+def accelerate(pipe, *, quantize_mode: str | None = None, fast: bool = False, dynamic: bool = False) -> Plan:
     """Apply `--quantize` and/or `--fast` to `pipe` (in place) and return the plan applied; an explicit
-    `quantize_mode` overrides the plan's. UserError for a quantization this device cannot run."""
+    `quantize_mode` overrides the plan's. UserError for a quantization this device cannot run. `dynamic`: compile
+    for varying batch sizes (a server) rather than one static shape."""
     plan = plan_for(pipe.device) if fast else Plan()
     stored = getattr(pipe, "dtype", "fp32") != "fp32" or getattr(pipe, "placement", None) is not None
     if stored and quantize_mode is not None:
@@ -66,7 +67,7 @@ def accelerate(pipe, *, quantize_mode: str | None = None, fast: bool = False) ->
     if quantize_mode is not None:
         check_mode(quantize_mode, pipe.device)
         plan = dataclasses.replace(plan, quantize=quantize_mode)
-    pipe.net = apply(pipe.net, plan, pipe.device)
+    pipe.net = apply(pipe.net, plan, pipe.device, dynamic=dynamic)
     if quantize_mode is not None:
         pipe.accel["Quantize"] = quantize_mode
     if fast:
@@ -74,7 +75,8 @@ def accelerate(pipe, *, quantize_mode: str | None = None, fast: bool = False) ->
     return plan
 
 
-def apply(net: nn.Module, plan: Plan, device: torch.device | str = "cpu", backend: str = "inductor") -> nn.Module:
+def apply(net: nn.Module, plan: Plan, device: torch.device | str = "cpu", backend: str = "inductor",
+          dynamic: bool = False) -> nn.Module:  # fmt: skip
     """The network with the plan's quantization, memory format and compilation (quantized in place); `backend`:
     torch.compile's (tests use aot_eager, which traces the same graph without generating code)."""
     if plan.quantize:
@@ -82,5 +84,5 @@ def apply(net: nn.Module, plan: Plan, device: torch.device | str = "cpu", backen
     if plan.channels_last:
         net = net.to(memory_format=torch.channels_last)
     if plan.compile:
-        net = torch.compile(net, dynamic=False, backend=backend)
+        net = torch.compile(net, dynamic=None if dynamic else False, backend=backend)
     return net

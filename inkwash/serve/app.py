@@ -63,9 +63,20 @@ class ServeConfig:
     api_keys: tuple[str, ...] = ()
     max_rows: int = 64  # rows of one batched network forward
     max_active: int | None = None  # requests sampled at once; 1 = no batching across requests
-    precision: str = "fp32"
+    precision: str | None = None  # network autocast; None: what `fast` picks for the device, else fp32
     device: str = "cpu"
     arena: list[dict] | None = None  # contestants: {"name", "model", "settings"}; default from the models
+    dtype: str = "fp32"  # weight storage (Pipeline.set_memory)
+    offload: str = "none"  # "model" or "sequential" (Pipeline.set_memory)
+    quantize: str | None = None  # a mode of inkwash.accel.quant
+    fast: bool = False  # inkwash.accel.fast's plan for the device (torch.compile; on GPUs also bf16, fp8)
+    cache: str | None = None  # a step cache every request uses by default ("deepcache:3", "fbcache:0.1")
+
+    @property
+    def run_precision(self) -> str:
+        from ..accel.fast import plan_for
+
+        return self.precision or (plan_for(self.device).precision if self.fast else "fp32")
 
 
 class ApiError(Exception):
@@ -134,7 +145,7 @@ class Service:
         self.cfg, self.limits = cfg, cfg.limits
         self.store = Store(cfg.data_dir)
         engine = Engine(lambda: _load_models(cfg), max_rows=cfg.max_rows, max_active=cfg.max_active,
-                        precision=cfg.precision)  # fmt: skip
+                        precision=cfg.run_precision)  # fmt: skip
         try:
             self.engine = engine.start()
         except BaseException:
@@ -202,7 +213,7 @@ class Service:
         return name, {
             "prompt": prompt, "negative_prompt": body.negative_prompt, "n": body.n, "size": size, "seed": seed,
             "sampler": s.sampler, "steps": s.steps, "guidance": s.guidance, "schedule": s.schedule,
-            "rescale": s.rescale,
+            "rescale": s.rescale, "cache": s.cache,
         }  # fmt: skip
 
     def submit(self, model: str, request: dict, kind: str = "api") -> dict:
@@ -216,6 +227,7 @@ class Service:
     def _enqueue(self, job: dict) -> None:
         r, job_id = job["request"], job["id"]
         settings = {k: r[k] for k in ("sampler", "steps", "guidance", "schedule", "rescale")}
+        settings["cache"] = r.get("cache")  # jobs stored before caching was served have none
         self.live[job_id] = Live(steps=r["steps"])
 
         def on_start():
@@ -236,7 +248,7 @@ class Service:
             for i, img in enumerate(to_pil(images)):
                 seed = r["seed"] + i
                 text = png_parameters(r["prompt"], r["negative_prompt"], s, seed, r["size"], job["model"],
-                                      distilled=pipe.guidance_distilled)  # fmt: skip
+                                      distilled=pipe.guidance_distilled, extra=pipe.accel)  # fmt: skip
                 img.info["parameters"] = text
                 tmp = save_png(img, folder / f".{i}.tmp.png")
                 os.replace(tmp, folder / f"{i}.png")
@@ -419,9 +431,16 @@ class Service:
 
 def _load_models(cfg: ServeConfig) -> dict[str, Pipeline]:
     """The served pipelines by unique name (run on the engine's thread)."""
+    from ..accel.cache import check_cache
+    from ..accel.fast import accelerate
+
     pipes: dict[str, Pipeline] = {}
     for spec in cfg.models:
-        pipe = load(spec, cfg.device)
+        pipe = load(spec, cfg.device).set_memory(dtype=cfg.dtype, offload_mode=cfg.offload)
+        # the batch changes with the requests running: compiled with dynamic shapes, not one graph per batch size
+        accelerate(pipe, quantize_mode=cfg.quantize, fast=cfg.fast, dynamic=True)
+        if cfg.cache is not None:
+            pipe.sampling.cache = str(check_cache(pipe.net, cfg.cache))
         name = pipe.name
         while name in pipes:
             name += "+"

@@ -9,6 +9,9 @@ guidance, samplers and step counts join and leave between any two network calls,
 tokens, and no sampler needs to know (Heun's two calls per step and DPM-Solver's history work unchanged).
 `max_active=1` is the plain server: one request at a time.
 
+A request with a step cache (`settings["cache"]`, e.g. "deepcache:3") keeps its own cache, whose state follows
+that request's steps, so its forwards run apart from the others' (still one forward per step for it).
+
 One thread does all tensor work, model loading included. Two reasons, both measured on a 2-core CPU:
 hand-offs between threads cost more than a forward of the bundled model, and with libgomp (PyTorch's
 OpenMP) a second thread that has ever run a parallel op makes every op of the first about 2x slower.
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 import greenlet
 import torch
 
+from ..accel.cache import make_cache
 from ..pipeline import Pipeline, autocast_for
 from ..sampling import cat_cond
 
@@ -51,7 +55,7 @@ class Work:
     n: int
     seed: int
     size: int
-    settings: dict  # sampler, steps, guidance (and optional schedule, rescale)
+    settings: dict  # sampler, steps, guidance (and optional schedule, rescale, cache)
     on_start: Callable[[], None] = lambda: None
     on_progress: Callable[[int, int, Tensor | None], None] = lambda step, steps, preview: None
     on_done: Callable[[Tensor], None] = lambda images: None
@@ -67,20 +71,20 @@ class Work:
 class _Slot:
     work: Work
     task: greenlet.greenlet
-    call: tuple | None = None  # (x, t, cond) while parked at a network call; None once finished
+    call: tuple | None = None  # (x, t, cond, cache) while parked at a network call; None once finished
 
 
 class _SharedNet:
     """The stand-in network handed to one request's denoiser: the same call, answered by the shared forward."""
 
-    def __init__(self, engine: Engine, net: torch.nn.Module):
-        self.engine, self.net = engine, net
+    def __init__(self, engine: Engine, net: torch.nn.Module, cache: torch.nn.Module | None = None):
+        self.engine, self.net, self.cache = engine, net, cache
 
     def parameters(self):
         return self.net.parameters()
 
     def __call__(self, x: Tensor, t: Tensor, **cond) -> Tensor:
-        return self.engine.loop_task.switch((x, t, cond))  # park until the engine resumes us with our rows
+        return self.engine.loop_task.switch((x, t, cond, self.cache))  # park until the engine resumes us
 
 
 class Engine:
@@ -176,8 +180,10 @@ class Engine:
         """A request's whole life, as a greenlet: prepare, sample (parking at every network call), report."""
         try:
             pipe = self.pipes[w.model]
+            shared = _SharedNet(self, pipe.net)
             run = pipe.prepare(w.prompt, negative_prompt=w.negative_prompt, n=w.n, seed=w.seed, size=w.size,
-                               net=_SharedNet(self, pipe.net), **w.settings)  # fmt: skip
+                               net=shared, **w.settings)  # fmt: skip
+            shared.cache = make_cache(pipe.net, run.settings.cache)  # this request's own
             images = run(self._progress(w, run))
             w.on_done(images)
         except BaseException as e:  # noqa: B036 - a request's failure must never stop the engine
@@ -250,16 +256,19 @@ class Engine:
             self.active = [s for s in self.active if s.call is not None]
 
     def _forward(self, batch: list[_Slot]) -> None:
-        """One network forward per model and input shape over all parked requests; then each resumes."""
+        """One network forward per model and input shape over all parked requests (a cached request: its own);
+        then each resumes."""
         groups: dict[tuple, list[_Slot]] = {}
         for s in batch:
-            x, _, cond = s.call
-            groups.setdefault((s.work.model, tuple(x.shape[1:]), x.dtype, tuple(sorted(cond))), []).append(s)
+            x, _, cond, cache = s.call
+            key = (s.work.model, tuple(x.shape[1:]), x.dtype, tuple(sorted(cond)), None if cache is None else id(s))
+            groups.setdefault(key, []).append(s)
         for (model, *_), slots in groups.items():
-            xs, ts, conds = zip(*(s.call for s in slots))
+            xs, ts, conds, caches = zip(*(s.call for s in slots))
+            net = caches[0] if caches[0] is not None else self.pipes[model].net
             try:
                 with self.autocasts[model]():
-                    out = self.pipes[model].net(torch.cat(xs), torch.cat(ts), **cat_cond(*conds))
+                    out = net(torch.cat(xs), torch.cat(ts), **cat_cond(*conds))
             except Exception as e:  # a bad forward fails only these requests
                 for s in slots:
                     self._resume(s, error=e)
