@@ -157,6 +157,62 @@ def time_pair(pair: Pair, steps: int, rounds: int, compile_too: bool) -> dict:
     return res
 
 
+class _Bound(nn.Module):
+    """One side's call as a module taking (x, t), for the FLOP counter."""
+
+    def __init__(self, net: nn.Module, call: Callable):
+        super().__init__()
+        self.net, self.call = net, call
+
+    def forward(self, x, t):
+        return self.call(self.net, x, t)
+
+
+def call_macs(pair: Pair) -> int:
+    """Multiply-adds of one network call of the pair (batch 2), counted by torch's FLOP counter."""
+    from inkwash.models.flops import count_flops
+
+    return count_flops(_Bound(pair.ours, pair.call_ours), (pair.x, torch.full((pair.x.shape[0],), 500.0)))
+
+
+def cpu_peak(rounds: int = 5) -> float:
+    """This CPU's best measured fp32 FLOP/s at the running thread count: the better of a 2048^3 matmul and a 3x3
+    convolution (256 channels, 2 x 32 x 32; oneDNN's convolutions can beat its own GEMM)."""
+    conv, x = nn.Conv2d(256, 256, 3, padding=1, bias=False), torch.randn(2, 256, 32, 32)
+    with torch.no_grad():
+        conv(x)
+        best = math.inf
+        for _ in range(rounds):
+            start = time.perf_counter()
+            conv(x)
+            best = min(best, time.perf_counter() - start)
+    conv_flops = 2 * 2 * 256 * 256 * 9 * 32 * 32 / best
+    return max(matmul_peak(torch.device("cpu"), n=2048, reps=2, rounds=rounds), conv_flops)
+
+
+KERNELS = ("convolution", "addmm", "aten::mm", "bmm", "scaled_dot_product", "_slow_conv2d")  # the heavy arithmetic
+
+
+def kernel_floor(pair: Pair, steps: int = 3) -> dict:
+    """Profile `steps` calls of each side: the seconds spent in the heavy kernels (convolutions, matmuls,
+    attention: both sides call the same ones with the same shapes, so they cost the same in ours) and in total.
+    With identical arithmetic, ours / diffusers cannot go below diffusers' kernel share even if everything
+    else took no time: the floor of the ratio."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for side, (m, c) in {"ours": (pair.ours, pair.call_ours), "diffusers": (pair.theirs, pair.call_theirs)}.items():
+        sample(c, m, pair.x, 1)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            sample(c, m, pair.x, steps)
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events) / 1e6
+        kernels = sum(e.self_cpu_time_total for e in events if any(k in e.key for k in KERNELS)) / 1e6
+        out[side] = {"total_s": total, "kernel_s": kernels}
+    out["floor"] = out["diffusers"]["kernel_s"] / out["diffusers"]["total_s"]
+    return out
+
+
 def quant_rows(pair: Pair, steps: int, rounds: int) -> list[dict]:
     rows = []
     for mode in (None, *MODES):
@@ -208,8 +264,38 @@ def cpu_main(args: argparse.Namespace) -> dict:
             cells += ["-", "-", "-"]
         print(f"| {r['name']} | {r['params'] / 1e6:.1f}M | " + " | ".join(cells) + f" | {r['max_abs_diff']:.1e} |",
               flush=True)  # fmt: skip
+        r["macs_per_call"] = call_macs(pair)
+        if args.profile:
+            r["kernels"] = kernel_floor(pair)
         if key in args.quant_pairs:
             quant += quant_rows(pair, args.steps, args.rounds)
+    peak = cpu_peak()
+    print()
+    print(f"Share of this CPU's measured fp32 peak ({peak / 1e9:.0f} GFLOP/s at {torch.get_num_threads()} thread(s)) "
+          "that each side's multiply-adds reach; at the same arithmetic no implementation can take less than "
+          "(its share / 100%) of a side's time, so the floor for 'ours / diffusers' is diffusers' share.")  # fmt: skip
+    print()
+    print("| network | GMAC per call | ours eager | diffusers eager | ours compiled | diffusers compiled |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        flops = 2 * r["macs_per_call"] * args.steps
+        shares = {k: flops / v / peak for k, v in r["s"].items()}
+        r["peak_share"], r["peak_flops"] = shares, peak
+        cells = [f"{100 * shares[k]:.0f}%" if k in shares else "-"
+                 for k in ("ours:eager", "diffusers:eager", "ours:compiled", "diffusers:compiled")]  # fmt: skip
+        print(f"| {r['name']} | {r['macs_per_call'] / 1e9:.2f} | " + " | ".join(cells) + " |")
+    if args.profile:
+        print()
+        print("Profiled (torch.profiler, 3 calls each): time in the heavy kernels (convolutions, matmuls, "
+              "attention) and in total; floor = diffusers' kernel share, the lowest ratio the same kernels "
+              "allow.")  # fmt: skip
+        print()
+        print("| network | ours: kernels / total s | diffusers: kernels / total s | floor |\n|---|---|---|---|")
+        for r in results:
+            k = r["kernels"]
+            o, d = k["ours"], k["diffusers"]
+            print(f"| {r['name']} | {o['kernel_s']:.3f} / {o['total_s']:.3f} | {d['kernel_s']:.3f} / "
+                  f"{d['total_s']:.3f} | {k['floor']:.2f} |")  # fmt: skip
     if quant:
         print()
         print("| network | weights | state dict MiB | s/step (eager) | rel. output error vs fp32 |")
@@ -381,6 +467,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--profile", action="store_true", help="also the kernel-time floor of the ratio (torch.profiler)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--gpu-flux", action="store_true", help="FLUX.1's transformer at full size (see the docstring)")
     p.add_argument("--preset", default="flux-dev", help="--gpu-flux: the MMDiT preset (mmdit-tiny off a GPU)")

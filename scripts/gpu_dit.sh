@@ -14,17 +14,9 @@
 # WARMUP (3), ROWS (space-separated row names, see the benchmark's docstring; default its GPU_ROWS), BUDGET_S,
 # LIMIT_S, EXTRA (more flags, e.g. "--loss-precisions fp32").
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
-PY=${PYTHON:-python3}
-if [ -d .wheels-dit ] && ! $PY -c "import diffusers" 2>/dev/null; then
-  { $PY -m pip install --no-index --find-links .wheels-dit diffusers \
-    || $PY -m pip install --no-index --find-links .wheels-dit --break-system-packages diffusers; } >"$OUT/pip.log" 2>&1
-  tail -2 "$OUT/pip.log"
-fi
-$PY -c "import diffusers; print('diffusers', diffusers.__version__)" || echo "no diffusers: our rows only"
+# shellcheck source=scripts/gpu_setup.sh
+source "$(dirname "$0")/gpu_setup.sh"  # OUT, PY, diffusers from .wheels-dit
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || true
-export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}  # big batches, OOM retries
 # shellcheck disable=SC2086  # ROWS and EXTRA are word lists
 timeout --signal=INT --kill-after=20 "${LIMIT_S:-390}" $PY benchmarks/bench_dit_train.py \

@@ -14,16 +14,8 @@
 # ROWS (space-separated: diffusers:eager diffusers:compiled ours:eager ours:compiled ours:fp8 ours:fp8-compiled),
 # LIMIT_S, EXTRA (more flags for benchmarks/bench_infer.py).
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
-PY=${PYTHON:-python3}
-if [ -d .wheels-dit ] && ! $PY -c "import diffusers" 2>/dev/null; then
-  { $PY -m pip install --no-index --find-links .wheels-dit diffusers \
-    || $PY -m pip install --no-index --find-links .wheels-dit --break-system-packages diffusers; } >"$OUT/pip.log" 2>&1
-  tail -2 "$OUT/pip.log"
-fi
-$PY -c "import diffusers; print('diffusers', diffusers.__version__)" || echo "no diffusers: our rows only"
-export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+# shellcheck source=scripts/gpu_setup.sh
+source "$(dirname "$0")/gpu_setup.sh"  # OUT, PY, diffusers from .wheels-dit
 if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || true
   export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}

@@ -15,6 +15,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+import torch
 import uvicorn
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
@@ -446,6 +447,43 @@ def test_serve_refuses_a_cache_the_model_cannot_take_in_one_sentence(lively_mode
     cfg = ServeConfig(models=[lively_model_file], data_dir=tmp_path, cache="fbcache:0.1")
     with pytest.raises(UserError, match="fbcache needs a transformer"):
         create_app(cfg)
+
+
+def test_a_class_conditional_model_is_served_by_class_label(tmp_path):
+    """`class_label` in place of a prompt: the image equals `generate(class_label=...)`, the PNG says `class N`,
+    and each mix-up (a prompt, no label, a label out of range, a label for a text model) is one 400 sentence."""
+    from inkwash.formats.checkpoint import save_model
+    from inkwash.models.dit import DiTConfig
+    from inkwash.models.registry import build_model, config_to_dict
+
+    cfg = DiTConfig(in_channels=3, out_channels=3, hidden_size=32, depth=1, num_heads=2, sample_size=16,
+                    num_classes=10)  # fmt: skip
+    torch.manual_seed(0)
+    net = build_model(cfg)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.2 if p.dim() > 1 else 0.05)
+    meta = {"model": config_to_dict(cfg), "process": {"kind": "vp"}, "prediction": "eps", "image_size": 16,
+            "text_encoder": {"name": "none"}, "sampling": {"steps": 3, "guidance": 2.0}}  # fmt: skip
+    path = save_model(tmp_path / "classes.safetensors", {"model": net.state_dict()}, meta)
+    app = create_app(ServeConfig(models=[path], data_dir=tmp_path / "data", limits=Limits(max_size=32)))
+    with TestClient(app) as c:
+        out = c.post("/v1/images/generations", json={"class_label": 7, "seed": 2}).json()
+        errors = [c.post("/v1/images/generations", json=body).json()["error"] for body in
+                  ({"prompt": "a circle", "class_label": 7}, {"seed": 1}, {"class_label": 10})]  # fmt: skip
+    assert out["request"]["class_label"] == 7
+    img = decode(out["data"][0]["b64_json"])
+    assert img.info["parameters"].startswith("class 7\n")
+    pipe = Pipeline.from_file(path)
+    want = to_uint8_hwc(pipe.generate(None, class_label=7, seed=2))
+    assert np.abs(np.asarray(img, dtype=int) - want[0].astype(int)).max() <= 2
+    assert "takes no prompt" in errors[0]["message"] and errors[1]["param"] == errors[2]["param"] == "class_label"
+    assert "between 0 and 9, got 10" in errors[2]["message"]
+
+
+def test_a_text_model_refuses_a_class_label(client):
+    r = client.post("/v1/images/generations", json={"prompt": "a circle", "class_label": 3})
+    assert r.status_code == 400 and "has no class labels" in r.json()["error"]["message"]
 
 
 # --- fuzzing: no request body gets a 5xx or a traceback -----------------------------------------------------

@@ -221,7 +221,8 @@ def score(spec: dict, objects: list) -> bool:
 
 def bootstrap(correct: dict[str, np.ndarray], n: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
     """Scores with percentile intervals. `correct[task]` is bool [prompts, images]; prompts are resampled
-    within each task (images of one prompt stay together). Overall = mean of the GenEval tasks present."""
+    within each task (images of one prompt stay together). Overall = mean of the GenEval tasks present.
+    `correct` may also hold per-image differences of two runs (`paired_difference`)."""
     rng = np.random.default_rng(seed)
     tasks = [t for t in TASKS if t in correct]
     means = {t: correct[t].mean() for t in tasks}
@@ -252,22 +253,8 @@ def paired_difference(
     for t in tasks:
         if a[t].shape != b[t].shape:
             raise ValueError(f"{t}: {a[t].shape} and {b[t].shape} images; a paired comparison needs the same ones")
-    rng = np.random.default_rng(seed)
-    diff = {t: b[t].astype(float) - a[t].astype(float) for t in tasks}
-    means = {t: float(diff[t].mean()) for t in tasks}
-    boots = {}
-    for t in tasks:
-        idx = rng.integers(0, len(diff[t]), (n, len(diff[t])))
-        boots[t] = diff[t].mean(axis=1)[idx].mean(axis=1)
-    core = [t for t in tasks if t in GENEVAL_TASKS]
-    if core:
-        means["overall"] = float(np.mean([means[t] for t in core]))
-        boots["overall"] = np.mean([boots[t] for t in core], axis=0)
-    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
-    out = {}
-    for t in (["overall"] if core else []) + tasks:
-        lo, hi = np.percentile(boots[t], q)
-        out[t] = {"mean": means[t], "lo": float(lo), "hi": float(hi)}
+    # the bootstrap of the per-image differences: one draw of prompts serves both runs
+    out = bootstrap({t: b[t].astype(float) - a[t].astype(float) for t in tasks}, n=n, seed=seed, level=level)
     same = sum(int((a[t] == b[t]).sum()) for t in tasks)
     out["agree"] = same / sum(a[t].size for t in tasks)
     return out

@@ -99,7 +99,10 @@ class GenerationBody(BaseModel):
 
     model_config = ConfigDict(extra="ignore")  # OpenAI's quality, style, user, ... are accepted and ignored
 
-    prompt: str = Field(description="What to draw.")
+    prompt: str = Field("", description="What to draw (a text-conditioned model; required there).")
+    class_label: int | None = Field(
+        None, description="A class-conditional model's class (ImageNet DiT: 0..999), given instead of a prompt."
+    )
     model: str | None = Field(None, description="A model id from /v1/models; the first model by default.")
     n: int = Field(1, description="Images to generate (1 to the server's max_n).")
     size: str | int | None = Field(None, description='"WxW" (square), a side in pixels, or "auto".')
@@ -184,8 +187,18 @@ class Service:
         if name not in self.pipes:
             raise ApiError(404, f"model {name!r} is not served here; see /v1/models", "model", "model_not_found")
         pipe = self.pipes[name]
-        prompt = body.prompt.strip()
-        if not prompt:
+        prompt, label = body.prompt.strip(), body.class_label
+        if pipe.num_classes:
+            if prompt or body.negative_prompt:
+                raise ApiError(400, f"model {name!r} is class-conditional and takes no prompt; give class_label "
+                               f"0..{pipe.num_classes - 1} instead", "prompt")  # fmt: skip
+            if label is None or not 0 <= label < pipe.num_classes:
+                raise ApiError(400, f"model {name!r} is class-conditional: class_label must be between 0 and "
+                               f"{pipe.num_classes - 1}, got {label}", "class_label")  # fmt: skip
+        elif label is not None:
+            raise ApiError(400, f"model {name!r} is text-conditioned and has no class labels; give a prompt",
+                           "class_label")  # fmt: skip
+        elif not prompt:
             raise ApiError(400, 'the prompt is empty; say what to draw, e.g. "a red circle"', "prompt")
         for param, text in (("prompt", body.prompt), ("negative_prompt", body.negative_prompt)):
             if len(text) > lim.max_prompt_chars:
@@ -213,7 +226,7 @@ class Service:
         return name, {
             "prompt": prompt, "negative_prompt": body.negative_prompt, "n": body.n, "size": size, "seed": seed,
             "sampler": s.sampler, "steps": s.steps, "guidance": s.guidance, "schedule": s.schedule,
-            "rescale": s.rescale, "cache": s.cache,
+            "rescale": s.rescale, "cache": s.cache, "class_label": label,
         }  # fmt: skip
 
     def submit(self, model: str, request: dict, kind: str = "api") -> dict:
@@ -247,7 +260,8 @@ class Service:
             files = []
             for i, img in enumerate(to_pil(images)):
                 seed = r["seed"] + i
-                text = png_parameters(r["prompt"], r["negative_prompt"], s, seed, r["size"], job["model"],
+                shown = r["prompt"] if r.get("class_label") is None else f"class {r['class_label']}"
+                text = png_parameters(shown, r["negative_prompt"], s, seed, r["size"], job["model"],
                                       distilled=pipe.guidance_distilled, extra=pipe.accel)  # fmt: skip
                 img.info["parameters"] = text
                 tmp = save_png(img, folder / f".{i}.tmp.png")
@@ -267,7 +281,7 @@ class Service:
             self._finished(job_id)
 
         work = Work(job_id, job["model"], r["prompt"], r["negative_prompt"], r["n"], r["seed"], r["size"], settings,
-                    on_start, on_progress, on_done, on_error)  # fmt: skip
+                    on_start, on_progress, on_done, on_error, class_label=r.get("class_label"))  # fmt: skip
         self.engine.submit(work)
 
     def _finished(self, job_id: str) -> None:
@@ -421,6 +435,7 @@ class Service:
             lim = self.limits
             out.append({
                 "id": name, "object": "model", "owned_by": "inkwash", "image_size": pipe.image_size, "sizes": sizes,
+                "num_classes": pipe.num_classes,
                 "samplers": list(SAMPLERS), "defaults": {k: getattr(pipe.sampling, k) for k in
                                                          ("sampler", "steps", "guidance", "schedule")},
                 "limits": {"max_steps": lim.max_steps, "max_n": lim.max_n, "max_prompt_chars": lim.max_prompt_chars,

@@ -60,6 +60,7 @@ class Work:
     on_progress: Callable[[int, int, Tensor | None], None] = lambda step, steps, preview: None
     on_done: Callable[[Tensor], None] = lambda images: None
     on_error: Callable[[BaseException], None] = lambda error: None
+    class_label: int | None = None  # a class-conditional model's class (the prompt is then empty)
 
     @property
     def rows(self) -> int:
@@ -182,7 +183,7 @@ class Engine:
             pipe = self.pipes[w.model]
             shared = _SharedNet(self, pipe.net)
             run = pipe.prepare(w.prompt, negative_prompt=w.negative_prompt, n=w.n, seed=w.seed, size=w.size,
-                               net=shared, **w.settings)  # fmt: skip
+                               net=shared, class_label=w.class_label, **w.settings)  # fmt: skip
             shared.cache = make_cache(pipe.net, run.settings.cache)  # this request's own
             images = run(self._progress(w, run))
             w.on_done(images)
