@@ -349,7 +349,6 @@ def ms_per_step(fn: Callable, device: torch.device, steps: int, warmup: int) -> 
 
 
 def flux_main(args: argparse.Namespace) -> dict:
-    from inkwash.formats.diffusers_flux import flux_config_to_diffusers, flux_state_dict_to_diffusers
     from inkwash.models.mmdit import MMDiT
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -399,55 +398,70 @@ def flux_main(args: argparse.Namespace) -> dict:
             Path(args.json).write_text(json.dumps(head, indent=1) + "\n")
 
     print("| row | ms/step | MFU |\n|---|---|---|")
-    rows = set(args.rows)
-    theirs = None
-    if rows & {"diffusers:eager", "diffusers:compiled"}:
+    rows = [r for r in args.rows if not r.startswith("ours:fp8")] + [r for r in args.rows if r.startswith("ours:fp8")]
+    calls: dict[str, Callable] = {}  # row name -> one step; fp8 rows last (they quantize ours in place)
+    if any(r.startswith("diffusers") for r in rows):
         try:
-            from diffusers import FluxTransformer2DModel
-
-            kwargs = flux_config_to_diffusers(cfg)
-            with torch.device("meta"):
-                theirs = FluxTransformer2DModel(**kwargs)
-            theirs.load_state_dict(flux_state_dict_to_diffusers(ours.state_dict(), cfg), assign=True)
-            theirs = theirs.to(device, dtype).eval()
-            h, w = x.shape[-2] // 2, x.shape[-1] // 2
-            ids = torch.zeros(h, w, 3, device=device)
-            ids[..., 1] += torch.arange(h, device=device)[:, None]
-            ids[..., 2] += torch.arange(w, device=device)[None, :]
-            img_ids, txt_ids = ids.reshape(h * w, 3), torch.zeros(tokens, 3, device=device)
-            packed = x.view(1, cfg.in_channels, h, 2, w, 2).permute(0, 2, 4, 1, 3, 5).reshape(1, h * w, -1)
-
-            def call_theirs(m):
-                return m(packed, ctx, y, t / 1000, img_ids=img_ids, txt_ids=txt_ids, guidance=g).sample
-
+            call_theirs = diffusers_flux(ours, cfg, x, ctx, y, t, g, device, dtype)
             with torch.no_grad():
-                diff = call_theirs(theirs).float().reshape(-1) - _pack_out(call_ours(ours), cfg).float().reshape(-1)
+                diff = call_theirs(False).float().reshape(-1) - _pack_out(call_ours(ours), cfg).float().reshape(-1)
             head["max_abs_diff"] = diff.abs().max().item()
-            if "diffusers:eager" in rows:
-                row("diffusers eager", lambda: call_theirs(theirs))
-            if "diffusers:compiled" in rows:
-                c = torch.compile(theirs, dynamic=False)
-                row("diffusers compiled", lambda: call_theirs(c))
+            calls["diffusers:eager"] = lambda: call_theirs(False)
+            calls["diffusers:compiled"] = lambda: call_theirs(True)
         except ImportError as e:
             print(f"diffusers unavailable ({e}); our rows only")
-        theirs = None
-        if gpu:
-            torch.cuda.empty_cache()
-    if "ours:eager" in rows:
-        row("ours eager", lambda: call_ours(ours))
-    if "ours:compiled" in rows:
-        c = torch.compile(ours, dynamic=False)
-        row("ours compiled", lambda: call_ours(c))
-    if rows & {"ours:fp8", "ours:fp8-compiled"}:
-        quantize(ours, "fp8", device)
-        if gpu:
-            torch.cuda.empty_cache()
-        if "ours:fp8" in rows:
-            row("ours fp8", lambda: call_ours(ours))
-        if "ours:fp8-compiled" in rows:
-            c = torch.compile(ours, dynamic=False)
-            row("ours fp8 compiled", lambda: call_ours(c))
+    compiled = {}
+
+    def ours_compiled():
+        if "net" not in compiled:  # compiled again after fp8 quantization changed the modules
+            compiled["net"] = torch.compile(ours, dynamic=False)
+        return call_ours(compiled["net"])
+
+    def to_fp8():
+        if not compiled.get("fp8"):
+            quantize(ours, "fp8", device)
+            compiled.clear()
+            compiled["fp8"] = True
+            if gpu:
+                torch.cuda.empty_cache()
+
+    calls["ours:eager"] = lambda: call_ours(ours)
+    calls["ours:compiled"] = ours_compiled
+    calls["ours:fp8"] = lambda: (to_fp8(), call_ours(ours))[1]
+    calls["ours:fp8-compiled"] = lambda: (to_fp8(), ours_compiled())[1]
+    for name in rows:
+        if name in calls:
+            if name.startswith("ours:fp8"):
+                to_fp8()  # outside the timed calls
+            row(name.replace(":", " ").replace("fp8-compiled", "fp8 compiled"), calls[name])
     return head
+
+
+def diffusers_flux(ours, cfg, x, ctx, y, t, g, device, dtype) -> Callable[[bool], torch.Tensor]:
+    """diffusers' FluxTransformer2DModel with our weights, resident beside ours (FLUX.1 dev: 24 GB a side in bf16),
+    as `call(compiled)` -> its packed output for our inputs."""
+    from diffusers import FluxTransformer2DModel
+
+    from inkwash.formats.diffusers_flux import flux_config_to_diffusers, flux_state_dict_to_diffusers
+
+    with torch.device("meta"):
+        theirs = FluxTransformer2DModel(**flux_config_to_diffusers(cfg))
+    theirs.load_state_dict(flux_state_dict_to_diffusers(ours.state_dict(), cfg), assign=True)
+    theirs = theirs.to(device, dtype).eval()
+    h, w = x.shape[-2] // 2, x.shape[-1] // 2
+    ids = torch.zeros(h, w, 3, device=device)
+    ids[..., 1] += torch.arange(h, device=device)[:, None]
+    ids[..., 2] += torch.arange(w, device=device)[None, :]
+    img_ids, txt_ids = ids.reshape(h * w, 3), torch.zeros(ctx.shape[1], 3, device=device)
+    packed = x.view(1, cfg.in_channels, h, 2, w, 2).permute(0, 2, 4, 1, 3, 5).reshape(1, h * w, -1)
+    nets = {False: theirs}
+
+    def call(compiled: bool) -> torch.Tensor:
+        if compiled not in nets:
+            nets[compiled] = torch.compile(theirs, dynamic=False)
+        return nets[compiled](packed, ctx, y, t / 1000, img_ids=img_ids, txt_ids=txt_ids, guidance=g).sample
+
+    return call
 
 
 def _pack_out(out: torch.Tensor, cfg) -> torch.Tensor:

@@ -7,8 +7,9 @@
 #
 # Without a GPU it runs the same rows on mmdit-tiny at 64 px on the CPU (eager and fp8 rows unless ROWS says
 # otherwise): the check that the script works (tests/test_fast.py runs it). Results: $OUT/bench_infer_flux.json
-# (rewritten after every row), .txt (the log) and pip.log. The diffusers rows run first and their model is freed
-# before ours is timed; 24 GB of bf16 weights a side fit an 80 GB H100. Stopped at LIMIT_S (default 540 s).
+# (rewritten after every row), .txt (the log) and pip.log. Both models stay resident (24 GB of bf16 weights a side
+# fit an 80 GB H100); the rows run in ROWS's order, the fp8 ones last (they quantize ours in place). Stopped at
+# LIMIT_S (default 540 s).
 #
 # Environment (all optional): OUT (default gpu-out), PYTHON (python3), PRESET, SIZE, TOKENS, STEPS (10), WARMUP (3),
 # ROWS (space-separated: diffusers:eager diffusers:compiled ours:eager ours:compiled ours:fp8 ours:fp8-compiled),
