@@ -1,12 +1,14 @@
-"""Step caching, speed against quality: for each model and cache setting, the speed-up (CPU time on one thread)
-and the change in ShapesEval and FID against the same model without a cache, as a markdown table.
+"""Step caching and quantization, speed against quality: for each model and setting (a cache such as deepcache:3
+or fbcache:0.2, or a quantization mode such as int8-dynamic), the speed-up (CPU time on one thread) and the change
+in ShapesEval and FID against the same model as it is, as a markdown table.
 
     python scripts/cache_report.py --out runs/cache-full \
         --model unet=inkwash/assets/shapes-unet.safetensors --cache unet=deepcache:2 --cache unet=deepcache:3 \
         --model dit=runs/budget-12/dit-shapes-latent/model.safetensors --cache dit=fbcache:0.1 --cache dit=fbcache:0.2 \
         [--baseline unet=evals/shapes-unet-dpmpp_2m-20-g5] [--limit N] [--fid 500] [--workers 1]
 
-Quality: `inkwash eval MODEL [--cache SETTING] -o OUT/NAME-SETTING` for the model uncached and with each setting
+Quality: `inkwash eval MODEL [--cache|--quantize SETTING] -o OUT/NAME-SETTING` for the model as it is and with each
+setting
 (resumable: finished evaluations are read back, an interrupted one continues), each with the model's default
 sampler, steps and guidance. `--baseline NAME=FOLDER` reuses an earlier uncached evaluation of the same model
 and protocol. Every run draws the same prompts and seeds, so the change in ShapesEval is a paired difference
@@ -32,6 +34,8 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "benchmarks")]
 from bench_step_cache import run as timed_run  # noqa: E402
 from distill_report import evaluate  # noqa: E402
 
+from inkwash.accel.fast import accelerate  # noqa: E402
+from inkwash.accel.quant import MODES  # noqa: E402
 from inkwash.eval.runner import _read_done  # noqa: E402
 from inkwash.eval.shapeseval import TASKS, load_prompts, paired_difference  # noqa: E402
 from inkwash.pipeline import load  # noqa: E402
@@ -50,15 +54,25 @@ def verdicts(folder: Path, keys: set | None = None) -> dict[str, np.ndarray]:
     return out
 
 
-def speeds(model: str, caches: list[str], images: int, rounds: int) -> dict[str | None, tuple[float, float]]:
-    """{setting: (best CPU s/image, share of full rows)} with None for no cache."""
-    pipe = load(model)
+def flags(setting: str) -> tuple[str, str]:
+    """The `inkwash eval` option of a setting: a quantization mode or a step cache."""
+    return ("--quantize", setting) if setting in MODES else ("--cache", setting)
+
+
+def speeds(model: str, settings: list[str], images: int, rounds: int) -> dict[str | None, tuple[float, float]]:
+    """{setting: (best CPU s/image, share of full rows)} with None for the model as it is."""
+    plain = load(model)
+    pipes = {}
+    for mode in (s for s in settings if s in MODES):
+        pipes[mode] = load(model)
+        accelerate(pipes[mode], quantize_mode=mode)
     prompts = [q["prompt"] for q in load_prompts()][:images]
     best: dict[str | None, tuple[float, float]] = {}
-    timed_run(pipe, prompts[:1], None)  # warm-up
+    timed_run(plain, prompts[:1], None)  # warm-up
     for _ in range(rounds):
-        for c in [None, *caches]:
-            s, _, full = timed_run(pipe, prompts, c)
+        for c in [None, *settings]:
+            pipe, cache = (pipes[c], None) if c in pipes else (plain, c)
+            s, _, full = timed_run(pipe, prompts, cache)
             if c not in best or s / len(prompts) < best[c][0]:
                 best[c] = (s / len(prompts), full)
     return best
@@ -68,7 +82,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="folder for the evaluations and report.md")
     ap.add_argument("--model", action="append", required=True, metavar="NAME=FILE")
-    ap.add_argument("--cache", action="append", required=True, metavar="NAME=SETTING")
+    ap.add_argument(
+        "--cache",
+        action="append",
+        required=True,
+        metavar="NAME=SETTING",
+        help="a step cache (deepcache:3, fbcache:0.2) or a quantization mode (int8, int8-dynamic)",
+    )
     ap.add_argument("--baseline", action="append", default=[], metavar="NAME=FOLDER")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--fid", type=int, default=500)
@@ -94,7 +114,7 @@ def main() -> None:
         folders = {c: a.out / f"{name}-{c.replace(':', '-')}" for c in settings}
         folders[None] = baselines.get(name, a.out / f"{name}-none")
         base = evaluate(Path(model), None, folders[None], a.workers, a.fid, a.limit)
-        runs = {c: evaluate(Path(model), None, folders[c], a.workers, a.fid, a.limit, ("--cache", c)) for c in settings}
+        runs = {c: evaluate(Path(model), None, folders[c], a.workers, a.fid, a.limit, flags(c)) for c in settings}
         speed = {} if a.skip_speed else speeds(model, settings, a.speed_images, a.rounds)
         base_done = set(_read_done(folders[None]))
         for c in [None, *settings]:
