@@ -54,6 +54,24 @@ def distilled_model_file(tmp_path_factory):
     return _tiny_model_file(path, lively=True, guidance_embed_dim=16, sampling=sampling)
 
 
+@pytest.fixture(scope="session")
+def class_model_file(tmp_path_factory):
+    """A tiny class-conditional DiT (10 classes, no text encoder, pixels, 16 px), random weights everywhere, 3
+    steps with guidance 2 by default: what the server and studio get for an ImageNet-style model."""
+    from inkwash.models.dit import DiTConfig
+
+    cfg = DiTConfig(in_channels=3, out_channels=3, hidden_size=32, depth=1, num_heads=2, sample_size=16,
+                    num_classes=10)  # fmt: skip
+    torch.manual_seed(0)
+    net = build_model(cfg)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.2 if p.dim() > 1 else 0.05)
+    meta = {"model": config_to_dict(cfg), "process": {"kind": "vp"}, "prediction": "eps", "image_size": 16,
+            "text_encoder": {"name": "none"}, "sampling": {"steps": 3, "guidance": 2.0}}  # fmt: skip
+    return save_model(tmp_path_factory.mktemp("m") / "classes.safetensors", {"model": net.state_dict()}, meta)
+
+
 def _tiny_model_file(path, lively: bool, guidance_embed_dim: int = 0, sampling: dict | None = None):
     torch.manual_seed(0)
     text_cfg = TextEncoderConfig(name="small", dim=32, layers=1, heads=2)

@@ -15,7 +15,6 @@ import time
 import httpx
 import numpy as np
 import pytest
-import torch
 import uvicorn
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
@@ -449,23 +448,10 @@ def test_serve_refuses_a_cache_the_model_cannot_take_in_one_sentence(lively_mode
         create_app(cfg)
 
 
-def test_a_class_conditional_model_is_served_by_class_label(tmp_path):
+def test_a_class_conditional_model_is_served_by_class_label(class_model_file, tmp_path):
     """`class_label` in place of a prompt: the image equals `generate(class_label=...)`, the PNG says `class N`,
     and each mix-up (a prompt, no label, a label out of range, a label for a text model) is one 400 sentence."""
-    from inkwash.formats.checkpoint import save_model
-    from inkwash.models.dit import DiTConfig
-    from inkwash.models.registry import build_model, config_to_dict
-
-    cfg = DiTConfig(in_channels=3, out_channels=3, hidden_size=32, depth=1, num_heads=2, sample_size=16,
-                    num_classes=10)  # fmt: skip
-    torch.manual_seed(0)
-    net = build_model(cfg)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.2 if p.dim() > 1 else 0.05)
-    meta = {"model": config_to_dict(cfg), "process": {"kind": "vp"}, "prediction": "eps", "image_size": 16,
-            "text_encoder": {"name": "none"}, "sampling": {"steps": 3, "guidance": 2.0}}  # fmt: skip
-    path = save_model(tmp_path / "classes.safetensors", {"model": net.state_dict()}, meta)
+    path = class_model_file
     app = create_app(ServeConfig(models=[path], data_dir=tmp_path / "data", limits=Limits(max_size=32)))
     with TestClient(app) as c:
         out = c.post("/v1/images/generations", json={"class_label": 7, "seed": 2}).json()

@@ -242,6 +242,26 @@ def test_arena_match_vote_updates_ranking(page):
     expect(page.locator("#vote-left")).to_be_disabled()
 
 
+def test_a_class_conditional_model_takes_a_class_instead_of_a_prompt(browser, class_model_file, tmp_path):
+    """With an ImageNet-style model the form shows a class field in place of the prompts, and the result and the
+    gallery say which class was drawn."""
+    with serving(create_app(models=[class_model_file], data_dir=tmp_path)) as base:
+        pg = new_page(browser, base)
+        pg.goto(base + "/#generate")
+        expect(pg.locator("#class-field")).to_be_visible()
+        expect(pg.locator("#prompt-field")).to_be_hidden()
+        assert pg.get_attribute("#class-label", "max") == "9"
+        pg.fill("#class-label", "7")
+        pg.fill("#seed", "5")
+        pg.click("#generate-btn")
+        wait_images_loaded(pg, "#result img.result-image", 1)
+        assert setting(pg, "class") == "7"
+        pg.goto(base + "/#gallery")
+        expect(pg.locator(".card-prompt").first).to_have_text("class 7")
+        pg.context.close()
+        assert pg.problems == []
+
+
 def test_api_key_is_asked_for_stored_and_sent(browser, model_file, tmp_path):
     app = create_app(models=[model_file], data_dir=tmp_path, api_keys=("sekret",))
     with serving(app) as base:

@@ -158,11 +158,17 @@ function settingsList(target, rows) {
   return target;
 }
 
+/** What a request asked for: its prompt, or "class N" for a class-conditional model. */
+function promptText(r) {
+  return r.class_label !== undefined && r.class_label !== null ? `class ${r.class_label}` : r.prompt;
+}
+
 function jobSettings(job) {
   const r = job.request || {};
   const seeds = (job.images || []).map((image) => image.seed);
   return [
     ["prompt", r.prompt],
+    ["class", r.class_label],
     ["negative", r.negative_prompt],
     ["sampler", r.sampler],
     ["steps", r.steps],
@@ -213,6 +219,12 @@ function renderModelChoices(keepValues) {
   if (limits.max_steps) $("steps").max = limits.max_steps;
   if (limits.max_n) $("n").max = limits.max_n;
   if (limits.max_prompt_chars) $("prompt").maxLength = limits.max_prompt_chars;
+  // a class-conditional model (ImageNet DiT) takes a class label instead of a prompt
+  const classes = model.num_classes || 0;
+  $("class-field").hidden = !classes;
+  $("prompt-field").hidden = $("negative-field").hidden = !!classes;
+  $("prompt").required = !classes;
+  if (classes) $("class-label").max = classes - 1;
 }
 
 /** Fetch the models once (again after a failure, or after a new API key). */
@@ -240,9 +252,11 @@ function openGenerate() {
 }
 
 function readForm() {
+  const classes = (currentModel() || {}).num_classes || 0;
   const body = {
-    prompt: $("prompt").value,
-    negative_prompt: $("negative").value || undefined,
+    prompt: classes ? undefined : $("prompt").value,
+    class_label: classes ? Number($("class-label").value) : undefined,
+    negative_prompt: classes ? undefined : $("negative").value || undefined,
     sampler: $("sampler").value || undefined,
     steps: Number($("steps").value),
     guidance: Number($("guidance").value),
@@ -276,7 +290,7 @@ function renderResult(job) {
   $("result").replaceChildren(
     ...(job.images || []).map((image) =>
       el("a", { href: withKey(image.url), target: "_blank", rel: "noopener" },
-        el("img", { class: "result-image", src: withKey(image.url), alt: job.request.prompt, title: `seed ${image.seed}` })))
+        el("img", { class: "result-image", src: withKey(image.url), alt: promptText(job.request), title: `seed ${image.seed}` })))
   );
   settingsList($("result-settings"), jobSettings(job));
 }
@@ -324,6 +338,7 @@ function fillForm(job) {
   }
   $("prompt").value = r.prompt || "";
   $("negative").value = r.negative_prompt || "";
+  if (r.class_label !== undefined && r.class_label !== null) $("class-label").value = r.class_label;
   if (r.sampler) $("sampler").value = r.sampler;
   if (r.steps !== undefined) $("steps").value = r.steps;
   if (r.guidance !== undefined) $("guidance").value = r.guidance;
@@ -338,8 +353,8 @@ function fillForm(job) {
 function galleryCard(job) {
   const first = (job.images || [])[0];
   return el("article", { class: "gallery-card", "data-job": job.id },
-    first ? el("img", { src: withKey(first.url), alt: job.request.prompt, loading: "lazy" }) : null,
-    el("p", { class: "card-prompt", text: job.request.prompt }),
+    first ? el("img", { src: withKey(first.url), alt: promptText(job.request), loading: "lazy" }) : null,
+    el("p", { class: "card-prompt", text: promptText(job.request) }),
     settingsList(el("dl", { class: "settings compact" }), jobSettings(job).filter(([name]) => name !== "prompt")),
     el("button", {
       type: "button", class: "reuse-btn", text: "Reuse these settings",
