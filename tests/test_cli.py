@@ -85,6 +85,8 @@ def test_user_mistakes_get_one_sentence_and_exit_2(argv, needle, model_file, tmp
         (["serve", "--model", "MISSING/nothing.safetensors"], "does not exist"),
         (["serve", "--model", "FOREIGN"], "not a checkpoint inkwash recognises"),
         (["serve", "--port", "0"], "--port must be between 1 and 65535"),
+        (["serve", "--max-n", "0"], "--max-n must be at least 1, got 0"),
+        (["serve", "--max-size", "-8"], "--max-size must be at least 1, got -8"),
         (["serve", "--arena", "MISSING/arena.json"], "arena file MISSING/arena.json does not exist"),
         (["serve", "--arena", "ARENA:{not json"], "is not valid JSON"),
         (["serve", "--arena", 'ARENA:{"name": "a"}'], "must be a JSON list of"),

@@ -197,7 +197,7 @@ def test_gallery_lists_newest_first_and_pages(client):
         ({"prompt": "x" * 1001}, 400, "prompt is longer than 1000 characters"),
         ({"prompt": "a circle", "negative_prompt": "x" * 1001}, 400, "negative_prompt is longer than 1000"),
         ({"prompt": "   "}, 400, "the prompt is empty"),
-        ({"n": 1}, 400, "prompt: Field required"),
+        ({"n": 1}, 400, "the prompt is empty; say what to draw"),
         ({"prompt": "a circle", "sampler": "magic"}, 400, "unknown sampler 'magic'"),
         ({"prompt": "a circle", "guidance": -1}, 400, "guidance must be between 0 and 30"),
         ({"prompt": "a circle", "seed": -5}, 400, "seed must be between 0 and"),

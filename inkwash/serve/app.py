@@ -54,6 +54,16 @@ class Limits:
     max_body_bytes: int = 64 * 1024
     max_queue: int = 256  # requests waiting to start; one more is answered 429
 
+    def __post_init__(self):
+        for name in ("max_size", "max_steps", "max_n", "max_prompt_chars", "max_body_bytes", "max_queue"):
+            if getattr(self, name) < 1:
+                flag = "--" + name.replace("_", "-")
+                raise UserError(
+                    f"{flag} must be at least 1, got {getattr(self, name)}; it bounds what a request may ask"
+                )
+        if self.max_guidance < 0:
+            raise UserError(f"--max-guidance must be at least 0, got {self.max_guidance}")
+
 
 @dataclass
 class ServeConfig:
