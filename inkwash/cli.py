@@ -442,7 +442,10 @@ def main(argv: list[str] | None = None) -> int:
         args.fn(args)
     except UserError as e:
         msg = str(e).rstrip(".")
-        print(f"inkwash: error: {msg[:1].upper()}{msg[1:]}.", file=sys.stderr)
+        first = msg.split(" ", 1)[0]
+        if first.isalpha():  # a word starts the sentence; a path, flag or name keeps its spelling
+            msg = msg[:1].upper() + msg[1:]
+        print(f"inkwash: error: {msg}.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("inkwash: interrupted", file=sys.stderr)

@@ -79,6 +79,12 @@ def test_user_mistakes_get_one_sentence_and_exit_2(argv, needle, model_file, tmp
     assert needle.lower() in err.lower(), err
 
 
+def test_a_sentence_starting_with_a_path_keeps_the_path_as_written(tmp_path, capsys):
+    code, _, err = run(capsys, "train", "--config", "recipes/dit-shapes-latent.json", "--steps", "1",
+                       "--set", 'latent_cache="runs/no-such-cache"', "--output-dir", str(tmp_path))  # fmt: skip
+    assert code == 2 and "error: runs/no-such-cache is not a finished latent cache" in err, err
+
+
 @pytest.mark.parametrize(
     "argv, needle",
     [
