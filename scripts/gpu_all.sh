@@ -4,6 +4,7 @@
 # limit so that one running long cannot take the other's time. Their JSON files are rewritten after every row,
 # so a stopped run still leaves what it measured.
 #
+#   bash scripts/gpu_wheels.sh    # here first (PyPI): fills .wheels-dit, diffusers for the device
 #   run(command="bash scripts/gpu_all.sh", carry=[".wheels-dit"], kind="nvidia-h200", timeout_s=590)
 #
 # The issues' reference numbers were measured on an H200, so ask for one. Results under $OUT (default gpu-out):

@@ -1,6 +1,6 @@
 # Sourced by the scripts/gpu_*.sh device checks: the output folder, the Python, diffusers from the carried wheels.
 #
-# The device image has no diffusers: it is installed from .wheels-dit (diffusers 0.42.1 and its deps, cp312) when
+# The device image has no diffusers: it is installed from .wheels-dit (made here by scripts/gpu_wheels.sh) when
 # that folder is there; without it (or if the install fails) the checks run our rows only. Sets OUT (default
 # gpu-out, created) and PY (PYTHON, default python3); exports PYTHONPATH (this checkout first) and PYTHONUNBUFFERED.
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
