@@ -271,7 +271,10 @@ def _storage_flags(p: argparse.ArgumentParser) -> None:
                    "component on --device only while used), sequential (each layer only for its forward)")  # fmt: skip
 
 
-CACHE_HELP = "step caching: fbcache:THRESHOLD (transformers, e.g. 0.1) or deepcache:INTERVAL[:BRANCH] (U-Nets, e.g. 3)"
+CACHE_HELP = (
+    "step caching: fbcache:THRESHOLD or teacache:THRESHOLD (transformers, e.g. fbcache:0.1) or "
+    "deepcache:INTERVAL[:BRANCH] (U-Nets, e.g. 3)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

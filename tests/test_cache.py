@@ -1,18 +1,29 @@
-"""Step caching (inkwash.accel.cache): First-Block Cache on DiT / PixArt / MMDiT and DeepCache on the U-Net.
+"""Step caching (inkwash.accel.cache): First-Block Cache and TeaCache on DiT / PixArt / MMDiT, DeepCache on the U-Net.
 
 Threshold 0 and interval 1 change nothing (bit for bit, under every sampler); large thresholds skip exactly as
 counted; caches reset between generations; classifier-free guidance rows keep their own cache; and the
-First-Block Cache makes the same decisions and outputs as diffusers' `apply_first_block_cache` on the same weights.
+First-Block Cache makes the same decisions and outputs as diffusers' `apply_first_block_cache` on the same weights;
+TeaCache decides as TeaCache4FLUX's loop does from the modulated input that attention really sees.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
-from inkwash.accel.cache import DeepCache, FirstBlockCache, check_cache, parse_cache, with_step_cache
+from inkwash.accel.cache import (
+    FLUX_RESCALE,
+    DeepCache,
+    FirstBlockCache,
+    TeaCache,
+    check_cache,
+    flux_shaped,
+    parse_cache,
+    with_step_cache,
+)
 from inkwash.cli import main
 from inkwash.diffusion import VP, Denoiser, Flow
 from inkwash.errors import UserError
@@ -84,10 +95,12 @@ def test_parse_gives_canonical_specs_and_one_clear_error():
     assert str(parse_cache(" FBCache:1e-1 ")) == "fbcache:0.1"
     assert str(parse_cache("deepcache:3")) == "deepcache:3" and parse_cache("deepcache:3").branch == 1
     assert str(parse_cache("deepcache:3:0")) == "deepcache:3:0"
+    assert str(parse_cache("TeaCache:0.250")) == "teacache:0.25" and parse_cache("teacache:0.25").threshold == 0.25
     assert parse_cache(None) is None and parse_cache("") is None and parse_cache("none") is None
-    for bad in ["fbcache", "fbcache:-1", "fbcache:x", "deepcache:0", "deepcache:2.5", "teacache:0.1", "deepcache:3:"]:
-        with pytest.raises(UserError, match="not a step cache inkwash knows: use fbcache:THRESHOLD"):
-            parse_cache(bad)
+    bad = ["fbcache", "fbcache:-1", "fbcache:x", "deepcache:0", "deepcache:2.5", "teacache", "tea:0.1", "deepcache:3:"]
+    for text in bad:
+        with pytest.raises(UserError, match="not a step cache inkwash knows: use fbcache:THRESHOLD or teacache"):
+            parse_cache(text)
 
 
 def test_a_cache_for_another_architecture_is_refused():
@@ -95,6 +108,8 @@ def test_a_cache_for_another_architecture_is_refused():
     dit, _ = net_and_cond("dit")
     with pytest.raises(UserError, match="fbcache needs a transformer .* not a UNet"):
         check_cache(unet, "fbcache:0.1")
+    with pytest.raises(UserError, match="teacache needs a transformer .* not a UNet"):
+        check_cache(unet, "teacache:0.1")
     with pytest.raises(UserError, match="deepcache needs a U-Net, not a DiT"):
         check_cache(dit, "deepcache:2")
     with pytest.raises(UserError, match="deepcache branch 9 is deeper than this U-Net's 3 down blocks"):
@@ -106,13 +121,17 @@ def test_a_cache_for_another_architecture_is_refused():
 # ---------------------------------------------------------------------------- no-op settings are exact
 
 
-@pytest.mark.parametrize("arch", ["dit", "pixart", "mmdit", "unet"])
-def test_threshold_zero_and_interval_one_are_bit_identical(arch):
+@pytest.mark.parametrize(
+    "arch, spec",
+    [("dit", "fbcache:0"), ("pixart", "fbcache:0"), ("mmdit", "fbcache:0"), ("unet", "deepcache:1"),
+     ("dit", "teacache:0"), ("pixart", "teacache:0"), ("mmdit", "teacache:0")],
+)  # fmt: skip
+def test_threshold_zero_and_interval_one_are_bit_identical(arch, spec):
     net, cond = net_and_cond(arch, B=4)
     c, u = halves(cond)
     den = Denoiser(net, VP(), "eps")
     ref = sample(den, c, u)
-    cached = with_step_cache(den, "deepcache:1" if arch == "unet" else "fbcache:0")
+    cached = with_step_cache(den, spec)
     out = sample(cached, c, u)
     assert torch.equal(out, ref)
     assert cached.net.log == [4] * 6  # every call ran every row (cond + uncond) through the whole network
@@ -122,7 +141,12 @@ def test_threshold_zero_and_interval_one_are_bit_identical(arch):
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))
 def test_every_sampler_is_unchanged_by_a_no_op_cache_and_runs_with_a_real_one(sampler):
     process = Flow() if sampler == "flow_euler" else VP()
-    for arch, spec, no_op in [("dit", "fbcache:5", "fbcache:0"), ("unet", "deepcache:2", "deepcache:1")]:
+    cases = [
+        ("dit", "fbcache:5", "fbcache:0"),
+        ("unet", "deepcache:2", "deepcache:1"),
+        ("pixart", "teacache:5", "teacache:0"),
+    ]
+    for arch, spec, no_op in cases:
         net, cond = net_and_cond(arch, B=4)
         c, u = halves(cond)
         den = Denoiser(net, process, "flow" if sampler == "flow_euler" else "eps")
@@ -174,6 +198,50 @@ def test_fbcache_decides_per_row_from_the_change_since_the_last_full_call():
             expected.append(int(rows.sum()))
             ref = torch.where(rows[:, None], probe["r"], ref)
     assert cache.log[1:] == expected and 1 in expected  # mixed calls: one row skips while the other computes
+
+
+@pytest.mark.parametrize("arch", ["dit", "pixart", "mmdit"])
+def test_teacache_sums_the_change_of_what_attention_sees_and_then_skips_every_block(arch):
+    """TeaCache4FLUX's loop, per row, in numpy, on the modulated input captured where the first block's attention
+    (MMDiT: the image stream's QKV projection) receives it in an uncached run; with FLUX's polynomial on the MMDiT."""
+    net, cond = net_and_cond(arch)
+    seen, x0, eps = [], noise(seed=1), noise(seed=2)
+    receiver = net.double_blocks[0].img_attn.qkv if arch == "mmdit" else net.blocks[0].attn
+    receiver.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    speed = torch.tensor([0.01, 0.08])[:, None, None, None]  # row 0 drifts slowly, row 1 fast
+    calls = [(x0 + (1 - speed * k) * eps, torch.tensor([500.0, 500.0])) for k in range(10)]  # t fixed: see _trajectory
+    with torch.no_grad():
+        ref = [net(x, t, **cond) for x, t in calls]
+    poly = np.poly1d(FLUX_RESCALE if arch == "mmdit" else [1.0, 0.0])
+    rel = [((m - p).abs().mean((1, 2)) / p.abs().mean((1, 2))).double().numpy() for p, m in zip(seen, seen[1:])]
+    thr = float(np.median(np.concatenate([poly(r) for r in rel]))) * 2.5
+    expected, acc = [np.array([True, True])], np.zeros(2)
+    for r in rel:
+        acc = acc + poly(r)
+        expected.append(acc >= thr)
+        acc[expected[-1]] = 0.0
+    cache = TeaCache(net, thr)
+    if arch == "mmdit":
+        assert cache.rescale is None and not flux_shaped(net)  # a tiny MMDiT gets the raw change by default
+        cache.rescale = FLUX_RESCALE
+    last = net.single_blocks[-1] if arch == "mmdit" else net.blocks[-1]
+    runs = []
+    last.register_forward_hook(lambda m, a, out: runs.append(out.shape[0]))
+    with torch.no_grad():
+        outs = [cache(x, t, **cond) for x, t in calls]
+    assert cache.log == [int(e.sum()) for e in expected]
+    assert runs == [n for n in cache.log if n]  # the last block ran for exactly those rows
+    assert 1 in cache.log and 0 in cache.log  # mixed calls and whole skips both happen
+    for out, r, e in zip(outs, ref, expected):
+        assert torch.allclose(out[e], r[e], atol=1e-5)  # computed rows are the network's output
+        assert not torch.allclose(out[~e], r[~e], atol=1e-4) if (~e).any() else True  # skipped ones are not
+
+
+def test_flux_models_get_teacaches_flux_polynomial():
+    with torch.device("meta"):
+        meta = build_model(get_preset("flux-schnell"))
+    assert flux_shaped(meta) and TeaCache(meta, 0.25).rescale == FLUX_RESCALE
+    assert np.poly1d(FLUX_RESCALE)(0.1) == pytest.approx(0.2068475, abs=1e-6)  # 498.65e-4 - 283.78e-3 + 55.86e-2 - ...
 
 
 def test_deepcache_runs_the_deep_part_every_interval_and_reuses_it_exactly():

@@ -1,4 +1,4 @@
-"""Step caching as Denoiser wrappers: First-Block Cache for the transformers, DeepCache for the U-Net.
+"""Step caching as Denoiser wrappers: First-Block Cache and TeaCache for the transformers, DeepCache for the U-Net.
 
 Adjacent sampling steps see nearly the same input, so most of a network's work repeats. Both caches wrap the
 network inside a `Denoiser`, so guidance, every sampler, the pipeline and the evaluation get them unchanged:
@@ -10,6 +10,14 @@ network inside a `Denoiser`, so guidance, every sampler, the pipeline and the ev
   accumulates across skipped calls until it passes T and forces a full one. Decided per batch row, so an image
   comes out the same whatever shares its batch, and the cond and uncond rows of classifier-free guidance each
   keep their own cache. DiT, PixArt-α and MMDiT (FLUX, SD3).
+- `teacache:T` (TeaCache, Liu et al. 2024, "Timestep Embedding Tells: It's Time to Cache"): decides before any
+  block runs, from the first block's modulated input (its normed input under the timestep's shift and scale).
+  The relative L1 change of that input from the previous call, passed through the model's rescaling polynomial,
+  is summed over calls; while the sum stays under T, every block is skipped (the first too) and the blocks'
+  cached residual is added to their input; a computed call resets the sum. FLUX.1-shaped MMDiTs use TeaCache's
+  published FLUX polynomial (so its thresholds carry over: 0.25 -> about 1.5x, 0.4 -> 1.8x, 0.6 -> 2.0x on
+  FLUX.1-dev at 50 steps); other networks the raw change. Per batch row, like the First-Block Cache. TeaCache4FLUX
+  also always computes the last step; a cache here cannot know which call is the last, so it does not.
 - `deepcache:N[:B]` (DeepCache, Ma et al. 2024): every N-th call runs the whole U-Net and keeps the feature map
   that enters the shallow up block; the calls between run only the shallow branch (the input conv, the first B
   down blocks, and the last B + 1 up blocks) on that cached map. U-Nets only.
@@ -37,37 +45,40 @@ from inkwash.models.pixart import PixArt
 from inkwash.models.unet import UNet
 
 Tensor = torch.Tensor
-METHODS = ("fbcache", "deepcache")
+METHODS = ("fbcache", "teacache", "deepcache")
+# TeaCache's rescaling polynomial for FLUX.1 (TeaCache4FLUX), highest power first: maps the modulated input's
+# relative change to an estimate of the output's.
+FLUX_RESCALE = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)
 DEEPCACHE_BRANCH = 1  # shallow branch: the input conv and the first down block, the last two up blocks
-USAGE = "use fbcache:THRESHOLD for transformers (e.g. fbcache:0.08) or deepcache:INTERVAL[:BRANCH] for U-Nets " \
-        "(e.g. deepcache:3), or none"  # fmt: skip
+USAGE = "use fbcache:THRESHOLD or teacache:THRESHOLD for transformers (e.g. fbcache:0.08, teacache:0.25) or " \
+        "deepcache:INTERVAL[:BRANCH] for U-Nets (e.g. deepcache:3), or none"  # fmt: skip
 
 
 @dataclass(frozen=True)
 class CacheSpec:
     """A parsed `--cache` value; `str()` gives its canonical text (what PNGs and evaluation runs record)."""
 
-    method: str  # "fbcache" or "deepcache"
-    threshold: float = 0.0  # fbcache: relative L1 change under which the remaining blocks are skipped
+    method: str  # "fbcache", "teacache" or "deepcache"
+    threshold: float = 0.0  # fbcache, teacache: the relative L1 change under which blocks are skipped
     interval: int = 1  # deepcache: a full forward every `interval` calls
     branch: int = DEEPCACHE_BRANCH  # deepcache: down blocks in the shallow branch
 
     def __str__(self) -> str:
-        if self.method == "fbcache":
-            return f"fbcache:{self.threshold:g}"
+        if self.method in ("fbcache", "teacache"):
+            return f"{self.method}:{self.threshold:g}"
         return f"deepcache:{self.interval}" + (f":{self.branch}" if self.branch != DEEPCACHE_BRANCH else "")
 
 
 def parse_cache(text: str | CacheSpec | None) -> CacheSpec | None:
-    """`fbcache:0.08`, `deepcache:3`, `deepcache:3:0` -> CacheSpec; None, "" or "none" -> None."""
+    """`fbcache:0.08`, `teacache:0.25`, `deepcache:3`, `deepcache:3:0` -> CacheSpec; None, "" or "none" -> None."""
     if text is None or isinstance(text, CacheSpec):
         return text
     t = str(text).strip().lower()
     if t in ("", "none", "off"):
         return None
-    m = re.fullmatch(r"fbcache:([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)", t)
+    m = re.fullmatch(r"(fbcache|teacache):([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)", t)
     if m:
-        return CacheSpec("fbcache", threshold=float(m[1]))
+        return CacheSpec(m[1], threshold=float(m[2]))
     m = re.fullmatch(r"deepcache:([0-9]+)(?::([0-9]+))?", t)
     if m and int(m[1]) >= 1:
         return CacheSpec("deepcache", interval=int(m[1]), branch=DEEPCACHE_BRANCH if m[2] is None else int(m[2]))
@@ -81,8 +92,8 @@ def check_cache(net: nn.Module, spec: CacheSpec | str | None) -> CacheSpec | Non
         return None
     net = uncompiled(net)
     name = type(net).__name__
-    if spec.method == "fbcache" and not isinstance(net, (DiT, PixArt, MMDiT)):
-        raise UserError(f"fbcache needs a transformer (DiT, PixArt, MMDiT), not a {name}; for a U-Net use "
+    if spec.method in ("fbcache", "teacache") and not isinstance(net, (DiT, PixArt, MMDiT)):
+        raise UserError(f"{spec.method} needs a transformer (DiT, PixArt, MMDiT), not a {name}; for a U-Net use "
                         "deepcache:INTERVAL")  # fmt: skip
     if spec.method == "deepcache":
         if not isinstance(net, UNet):
@@ -105,8 +116,9 @@ def make_cache(net: nn.Module, spec: CacheSpec | str | None) -> StepCache | None
     if spec is None:
         return None
     net = uncompiled(net)
-    return FirstBlockCache(net, spec.threshold) if spec.method == "fbcache" else \
-        DeepCache(net, spec.interval, spec.branch)  # fmt: skip
+    if spec.method == "deepcache":
+        return DeepCache(net, spec.interval, spec.branch)
+    return (FirstBlockCache if spec.method == "fbcache" else TeaCache)(net, spec.threshold)
 
 
 def with_step_cache(denoiser: Denoiser, spec: CacheSpec | str | None) -> Denoiser:
@@ -191,6 +203,44 @@ class FirstBlockCache(StepCache):
         self.first_residual[rows], self.rest_residual[rows] = first, rest
 
 
+def flux_shaped(net: nn.Module) -> bool:
+    """An MMDiT with FLUX.1's blocks (dev or schnell), for which TeaCache's FLUX polynomial was fitted."""
+    cfg = getattr(net, "cfg", None)
+    return isinstance(net, MMDiT) and (cfg.hidden_size, cfg.depth, cfg.depth_single) == (3072, 19, 38)
+
+
+class TeaCache(FirstBlockCache):
+    """TeaCache on a DiT, PixArt-α or MMDiT: the same stand-in chain as the First-Block Cache, but the decision
+    comes before the first block, from its modulated input, and a skip skips every block. `rest_residual` here
+    is what all the blocks added at each row's last full call."""
+
+    def __init__(self, net: nn.Module, threshold: float):
+        super().__init__(net, threshold)
+        self.rescale = FLUX_RESCALE if flux_shaped(net) else None
+
+    def clear(self) -> None:
+        super().clear()
+        self.previous: Tensor | None = None  # [B, N, D] the modulated input at the previous call
+        self.distance: Tensor | None = None  # [B] the summed (rescaled) change since each row's last full call
+
+    def decide(self, modulated: Tensor) -> Tensor:
+        """Rows [B] bool that must run the blocks: the first call, and rows whose summed change reaches
+        `threshold`; their sum starts again from 0."""
+        B = modulated.shape[0]
+        if self.previous is None or self.rest_residual is None:
+            rows, distance = torch.ones(B, dtype=torch.bool, device=modulated.device), modulated.new_zeros(B)
+        else:
+            prev = self.previous.float().flatten(1)
+            change = (modulated.float().flatten(1) - prev).abs().mean(1) / prev.abs().mean(1)
+            if self.rescale is not None:
+                change = sum(c * change ** (len(self.rescale) - 1 - i) for i, c in enumerate(self.rescale))
+            distance = self.distance + change
+            rows = ~(distance < self.threshold)  # NaN computes
+        self.distance = torch.where(rows, torch.zeros_like(distance), distance).float()
+        self.previous = modulated
+        return rows
+
+
 class _Chain(nn.Module):
     """Stands in for a transformer's block list: the first block, then per row either the other blocks or
     the cached residual. DiT and PixArt call it as `block(tokens, *args)`; MMDiT as its (only) double block,
@@ -206,6 +256,8 @@ class _Chain(nn.Module):
             self.first, self.rest_blocks = net.blocks[0], net.blocks[1:]
 
     def forward(self, *inputs):
+        if isinstance(self.cache, TeaCache):
+            return self.tea(inputs)
         if self.mmdit:
             txt, img, vec, pe, mask = inputs
             txt, h1 = self.first(txt, img, vec, pe, mask)
@@ -224,14 +276,39 @@ class _Chain(nn.Module):
             out = h1 + cache.rest_residual
             if bool(rows.any()):
                 idx = rows.nonzero().squeeze(1)
-                computed = self.rest(h1[idx], self.take(args, idx))
+                computed = self.rest(h1[idx], self.take(args, idx, shared=2 if self.mmdit else None))
                 out[idx] = computed
                 cache.update(idx, first[idx], computed - h1[idx])
         return (args[0], out) if self.mmdit else out
 
-    def take(self, args: tuple, idx: Tensor) -> tuple:
-        """The batch rows `idx` of each per-row argument (MMDiT's RoPE angles are shared by all rows)."""
-        return tuple(a if a is None or (self.mmdit and i == 2) else a[idx] for i, a in enumerate(args))
+    def tea(self, inputs: tuple):
+        """TeaCache: per row, either every block or their cached residual, decided from the modulated input."""
+        cache, h0 = self.cache, inputs[1 if self.mmdit else 0]
+        rows = cache.decide(self.first.attn_input(*inputs))
+        cache.log.append(int(rows.sum()))
+        if bool(rows.all()):
+            out = self.blocks(inputs)
+            cache.rest_residual = out - h0
+        else:
+            out = h0 + cache.rest_residual
+            if bool(rows.any()):
+                idx = rows.nonzero().squeeze(1)
+                computed = self.blocks(self.take(inputs, idx, shared=3 if self.mmdit else None))
+                out[idx] = computed
+                cache.rest_residual[idx] = computed - h0[idx]
+        return (inputs[0], out) if self.mmdit else out
+
+    def blocks(self, inputs: tuple) -> Tensor:
+        """Every block, from the chain's inputs; for MMDiT the image tokens after the last block."""
+        if self.mmdit:
+            txt, img, vec, pe, mask = inputs
+            txt, h = self.first(txt, img, vec, pe, mask)
+            return self.rest(h, (txt, vec, pe, mask))
+        return self.rest(self.first(*inputs), inputs[1:])
+
+    def take(self, args: tuple, idx: Tensor, shared: int | None) -> tuple:
+        """The batch rows `idx` of each per-row argument; args[shared] is shared by all rows (MMDiT's RoPE angles)."""
+        return tuple(a if a is None or i == shared else a[idx] for i, a in enumerate(args))
 
     def rest(self, h: Tensor, args: tuple) -> Tensor:
         """The blocks after the first; for MMDiT the image tokens after the last block."""

@@ -76,6 +76,11 @@ class DiTBlock(nn.Module):
         x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1))
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
+    def attn_input(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """What self-attention sees: the normed, modulated x [B, N, D] (TeaCache's change indicator)."""
+        shift1, scale1 = self.adaLN(c)[:, None].chunk(6, dim=-1)[:2]
+        return modulate(self.norm1(x), shift1, scale1)
+
 
 class FinalLayer(nn.Module):
     """Modulated LayerNorm, then a linear to p*p*C features per token."""

@@ -177,6 +177,12 @@ class DoubleStreamBlock(nn.Module):
         txt = txt + t_mod[5][:, None] * self.txt_mlp(ada_norm(txt, t_mod[3], t_mod[4]))
         return txt, img
 
+    def attn_input(self, txt, img, vec, *_) -> torch.Tensor:
+        """What the image stream's QKV projection sees: the normed, modulated img [B, N, C] (TeaCache's change
+        indicator, as TeaCache4FLUX computes it)."""
+        shift, scale = self.img_mod(vec).chunk(6, dim=-1)[:2]
+        return ada_norm(img, shift, scale)
+
 
 class SingleStreamBlock(nn.Module):
     """One set of weights for all tokens; attention and MLP run in parallel from one fused input projection,

@@ -77,6 +77,11 @@ class PixArtBlock(nn.Module):
         x = x + self.cross_attn(x, context, mask)
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
+    def attn_input(self, x: torch.Tensor, t6: torch.Tensor, *_) -> torch.Tensor:
+        """What self-attention sees: the normed, modulated x [B, N, D] (TeaCache's change indicator)."""
+        shift1, scale1 = (self.scale_shift_table[None] + t6).chunk(6, dim=1)[:2]
+        return modulate(self.norm1(x), shift1, scale1)
+
 
 class SizeEmbedder(nn.Module):
     """PixArt-α 1024's micro-conditions: sinusoidal features of height and width (each -> D/3) and of the
