@@ -1,4 +1,4 @@
-"""Benchmark: step caching (First-Block Cache, DeepCache) against no cache, as CPU seconds per image.
+"""Benchmark: step caching (First-Block Cache, TeaCache, DeepCache) against no cache, as CPU seconds per image.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_step_cache.py MODEL --caches deepcache:2 deepcache:3 [--images 8]
         [--rounds 3] [--steps N]
