@@ -10,8 +10,12 @@ Then our networks quantized (inkwash.accel.quant): weight memory and s/step.
 
 --gpu-flux: FLUX.1 dev's transformer (11.9B parameters, random weights, bf16, 1024 x 1024, batch 1, 512 text
 tokens) ours vs diffusers' FluxTransformer2DModel with the same weights, eager and compiled: ms per step and MFU
-against the measured bf16 matmul peak; then ours with fp8 weights and matmuls. Without a GPU it runs the same rows
-on a tiny MMDiT (the check that the script works; scripts/gpu_infer.sh).
+against the measured bf16 matmul peak; then whole 28-step generations (FLUX.1 dev's shifted flow-Euler grid) through
+our TeaCache (`--tea`, default 0.4 with TeaCache's FLUX polynomial), eager and with every block compiled: the
+transformer time of a generation and how many of its calls ran the blocks; then ours with fp8 weights and
+matmuls. Without a GPU it runs the same rows on a tiny MMDiT (the check that the script works;
+scripts/gpu_infer.sh). Random weights decide differently from a trained FLUX.1 checkpoint, so the cached rows'
+count of computed calls is reported beside their time, never assumed.
 
 Usage: python benchmarks/bench_infer.py [--pairs unet-shapes sd-small dit-s2] [--steps 20] [--rounds 2]
        python benchmarks/bench_infer.py --gpu-flux [--preset flux-dev] [--size 1024] [--json out.json]
@@ -425,16 +429,81 @@ def flux_main(args: argparse.Namespace) -> dict:
             if gpu:
                 torch.cuda.empty_cache()
 
+    def generation(compiled: bool) -> None:
+        entry = {
+            "name": f"ours teacache:{args.tea:g} {args.gen_steps} steps" + (" compiled blocks" if compiled else "")
+        }
+        try:
+            entry.update(cached_generation(ours, x, ctx, y, g, args, device, compiled))
+            print(f"| {entry['name']} | {entry['seconds']:.2f} s per generation, {entry['computed']} of "
+                  f"{args.gen_steps} calls computed | |", flush=True)  # fmt: skip
+        except Exception as e:
+            entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            print(f"| {entry['name']} | failed: {entry['error']} | |", flush=True)
+        head["rows"].append(entry)
+        if args.json:
+            Path(args.json).write_text(json.dumps(head, indent=1) + "\n")
+
     calls["ours:eager"] = lambda: call_ours(ours)
     calls["ours:compiled"] = ours_compiled
     calls["ours:fp8"] = lambda: (to_fp8(), call_ours(ours))[1]
     calls["ours:fp8-compiled"] = lambda: (to_fp8(), ours_compiled())[1]
     for name in rows:
-        if name in calls:
+        if name.startswith("ours:teacache"):
+            generation(compiled=name.endswith("compiled"))
+        elif name in calls:
             if name.startswith("ours:fp8"):
                 to_fp8()  # outside the timed calls
             row(name.replace(":", " ").replace("fp8-compiled", "fp8 compiled"), calls[name])
     return head
+
+
+def flux_grid(cfg, x: torch.Tensor, steps: int) -> torch.Tensor:
+    """FLUX.1's sampling times, 1 -> 0: a uniform grid shifted by exp(mu) for the image's token count."""
+    from inkwash.diffusion.process import flux_mu, shift_time
+
+    tokens = (x.shape[-2] // cfg.patch_size) * (x.shape[-1] // cfg.patch_size)
+    return shift_time(torch.linspace(1.0, 0.0, steps + 1), math.exp(flux_mu(tokens)))
+
+
+@torch.no_grad()
+def cached_generation(net, x, ctx, y, g, args, device, compiled: bool) -> dict:
+    """One flow-Euler generation of `args.gen_steps` steps through TeaCache (after one untimed warm-up
+    generation): seconds, and the calls that ran the blocks. `compiled`: every block compiled in place."""
+    from inkwash.accel.cache import TeaCache
+
+    blocks = [*net.double_blocks, *net.single_blocks]
+    if compiled:
+        for block in blocks:
+            block.compile(dynamic=False)
+    try:
+        return _timed_generation(TeaCache(net, args.tea), x, ctx, y, g, args, device)
+    finally:
+        for block in blocks:
+            block._compiled_call_impl = None  # the later rows run the blocks as they were
+
+
+def _timed_generation(cache, x, ctx, y, g, args, device) -> dict:
+    times = flux_grid(cache.net.cfg, x, args.gen_steps).tolist()
+
+    def generate() -> torch.Tensor:
+        cache.reset()
+        z = x.clone()
+        for a, b in zip(times[:-1], times[1:]):
+            v = cache(z, torch.full((1,), a * 1000.0, device=device), context=ctx, y=y, guidance=g)
+            z = z + (b - a) * v
+        return z
+
+    generate()
+    sync(device)
+    start = time.perf_counter()
+    z = generate()
+    sync(device)
+    seconds = time.perf_counter() - start
+    if not torch.isfinite(z).all():
+        raise RuntimeError("the cached generation gave non-finite latents")
+    return {"seconds": seconds, "computed": sum(1 for n in cache.log if n), "steps": args.gen_steps,
+            "threshold": args.tea, "flux_polynomial": cache.rescale is not None}  # fmt: skip
 
 
 def diffusers_flux(ours, cfg, x, ctx, y, t, g, device, dtype) -> Callable[[bool], torch.Tensor]:
@@ -470,7 +539,8 @@ def _pack_out(out: torch.Tensor, cfg) -> torch.Tensor:
     return pack(out, cfg.patch_size)
 
 
-FLUX_ROWS = ("diffusers:eager", "diffusers:compiled", "ours:eager", "ours:compiled", "ours:fp8", "ours:fp8-compiled")
+FLUX_ROWS = ("diffusers:eager", "diffusers:compiled", "ours:eager", "ours:compiled", "ours:teacache",
+             "ours:teacache-compiled", "ours:fp8", "ours:fp8-compiled")  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -489,6 +559,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=512, help="--gpu-flux: text tokens")
     p.add_argument("--rows", nargs="+", default=list(FLUX_ROWS), choices=FLUX_ROWS)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--tea", type=float, default=0.4, help="--gpu-flux: the TeaCache threshold of the cached rows")
+    p.add_argument(
+        "--gen-steps", dest="gen_steps", type=int, default=28, help="--gpu-flux: steps per cached generation"
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--peak-tflops", type=float, default=0.0, help="skip measuring the matmul peak")
     p.add_argument("--peak-n", type=int, default=8192)
