@@ -469,22 +469,12 @@ def flux_grid(cfg, x: torch.Tensor, steps: int) -> torch.Tensor:
 @torch.no_grad()
 def cached_generation(net, x, ctx, y, g, args, device, compiled: bool) -> dict:
     """One flow-Euler generation of `args.gen_steps` steps through TeaCache (after one untimed warm-up
-    generation): seconds, and the calls that ran the blocks. `compiled`: every block compiled in place."""
-    from inkwash.accel.cache import TeaCache
+    generation): seconds, and the calls that ran the blocks. `compiled`: the cache of a compiled network, which
+    compiles each block (what `--fast --cache teacache:T` does)."""
+    from inkwash.accel.cache import make_cache
 
-    blocks = [*net.double_blocks, *net.single_blocks]
-    if compiled:
-        for block in blocks:
-            block.compile(dynamic=False)
-    try:
-        return _timed_generation(TeaCache(net, args.tea), x, ctx, y, g, args, device)
-    finally:
-        for block in blocks:
-            block._compiled_call_impl = None  # the later rows run the blocks as they were
-
-
-def _timed_generation(cache, x, ctx, y, g, args, device) -> dict:
-    times = flux_grid(cache.net.cfg, x, args.gen_steps).tolist()
+    cache = make_cache(torch.compile(net, dynamic=False) if compiled else net, f"teacache:{args.tea}")
+    times = flux_grid(net.cfg, x, args.gen_steps).tolist()
 
     def generate() -> torch.Tensor:
         cache.reset()

@@ -237,6 +237,31 @@ def test_teacache_sums_the_change_of_what_attention_sees_and_then_skips_every_bl
         assert not torch.allclose(out[~e], r[~e], atol=1e-4) if (~e).any() else True  # skipped ones are not
 
 
+@pytest.mark.parametrize("arch, spec", [("mmdit", "fbcache:0.03"), ("dit", "teacache:0.05")])
+def test_a_compiled_transformer_keeps_its_blocks_compiled_under_a_cache(arch, spec):
+    """--fast compiles the network; a cache runs it block by block, so it compiles each block (same backend) and
+    decides and computes as on the plain network, mixed calls (a smaller batch of rows) included."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    from inkwash.accel.cache import make_cache
+    from inkwash.accel.fast import Plan, apply
+
+    net, cond = net_and_cond(arch)
+    plain = make_cache(net, spec)
+    compiled = make_cache(apply(net, Plan(compile=True), backend="aot_eager"), spec)
+    chain = compiled.view.double_blocks[0] if arch == "mmdit" else compiled.view.blocks[0]
+    blocks = [chain.first, *(chain.singles if arch == "mmdit" else chain.rest_blocks)]
+    plain_chain = plain.view.double_blocks[0] if arch == "mmdit" else plain.view.blocks[0]
+    assert all(isinstance(b, OptimizedModule) for b in blocks) and not isinstance(plain_chain.first, OptimizedModule)
+    x0, eps = noise(seed=1), noise(seed=2)
+    speed = torch.tensor([0.01, 0.08])[:, None, None, None]
+    with torch.no_grad():
+        for k in range(8):
+            x, t = x0 + (1 - speed * k) * eps, torch.tensor([500.0, 500.0])
+            assert torch.allclose(compiled(x, t, **cond), plain(x, t, **cond), atol=1e-5)
+    assert compiled.log == plain.log and 1 in plain.log and 0 < sum(plain.log) < 16
+
+
 def test_flux_models_get_teacaches_flux_polynomial():
     with torch.device("meta"):
         meta = build_model(get_preset("flux-schnell"))

@@ -105,7 +105,7 @@ def check_cache(net: nn.Module, spec: CacheSpec | str | None) -> CacheSpec | Non
 
 
 def uncompiled(net: nn.Module) -> nn.Module:
-    """The module under a `torch.compile` wrapper: a cache calls the network's pieces, which runs them eagerly."""
+    """The module under a `torch.compile` wrapper: a cache calls the network's pieces, not the whole."""
     return getattr(net, "_orig_mod", net)
 
 
@@ -115,10 +115,11 @@ def make_cache(net: nn.Module, spec: CacheSpec | str | None) -> StepCache | None
     spec = check_cache(net, spec)
     if spec is None:
         return None
+    backend = None if uncompiled(net) is net else getattr(net, "compile_backend", "inductor")
     net = uncompiled(net)
     if spec.method == "deepcache":
         return DeepCache(net, spec.interval, spec.branch)
-    return (FirstBlockCache if spec.method == "fbcache" else TeaCache)(net, spec.threshold)
+    return (FirstBlockCache if spec.method == "fbcache" else TeaCache)(net, spec.threshold, backend)
 
 
 def with_step_cache(denoiser: Denoiser, spec: CacheSpec | str | None) -> Denoiser:
@@ -167,13 +168,15 @@ class StepCache(nn.Module):
 
 class FirstBlockCache(StepCache):
     """First-Block Cache on a DiT, PixArt-α or MMDiT. The network's own forward runs, with its chain of blocks
-    replaced by `_Chain` (a shallow view of the network; the network itself is not modified)."""
+    replaced by `_Chain` (a shallow view of the network; the network itself is not modified). `backend`: a
+    compiled network's torch.compile backend; the chain then calls each block compiled (the blocks run one by
+    one, so the whole network's compiled graph cannot be used), the rest of the forward eagerly."""
 
-    def __init__(self, net: nn.Module, threshold: float):
+    def __init__(self, net: nn.Module, threshold: float, backend: str | None = None):
         super().__init__(net)
         self.threshold = float(threshold)
         self.clear()
-        chain = _Chain(self, net)
+        chain = _Chain(self, net, backend)
         view = copy.copy(net)
         view._modules = dict(net._modules)  # the view's own table of children; parameters stay shared
         if isinstance(net, MMDiT):
@@ -214,8 +217,8 @@ class TeaCache(FirstBlockCache):
     comes before the first block, from its modulated input, and a skip skips every block. `rest_residual` here
     is what all the blocks added at each row's last full call."""
 
-    def __init__(self, net: nn.Module, threshold: float):
-        super().__init__(net, threshold)
+    def __init__(self, net: nn.Module, threshold: float, backend: str | None = None):
+        super().__init__(net, threshold, backend)
         self.rescale = FLUX_RESCALE if flux_shaped(net) else None
 
     def clear(self) -> None:
@@ -246,14 +249,19 @@ class _Chain(nn.Module):
     the cached residual. DiT and PixArt call it as `block(tokens, *args)`; MMDiT as its (only) double block,
     `block(txt, img, vec, pe, mask)`, and it runs the other double blocks and all single blocks itself."""
 
-    def __init__(self, cache: FirstBlockCache, net: nn.Module):
+    def __init__(self, cache: FirstBlockCache, net: nn.Module, backend: str | None = None):
         super().__init__()
         self.__dict__["cache"] = cache  # not a child
         self.mmdit = isinstance(net, MMDiT)
+        # compiled blocks: dynamic shapes, since rows that must compute run as a smaller batch
+        each = (lambda blocks: blocks) if backend is None else \
+            (lambda blocks: nn.ModuleList(torch.compile(b, backend=backend, dynamic=None) for b in blocks))  # fmt: skip
         if self.mmdit:
-            self.first, self.doubles, self.singles = net.double_blocks[0], net.double_blocks[1:], net.single_blocks
+            first, self.doubles, self.singles = each(net.double_blocks[:1]), each(net.double_blocks[1:]), \
+                each(net.single_blocks)  # fmt: skip
         else:
-            self.first, self.rest_blocks = net.blocks[0], net.blocks[1:]
+            first, self.rest_blocks = each(net.blocks[:1]), each(net.blocks[1:])
+        self.first = first[0]
 
     def forward(self, *inputs):
         if isinstance(self.cache, TeaCache):

@@ -85,4 +85,5 @@ def apply(net: nn.Module, plan: Plan, device: torch.device | str = "cpu", backen
         net = net.to(memory_format=torch.channels_last)
     if plan.compile:
         net = torch.compile(net, dynamic=None if dynamic else False, backend=backend)
+        net.compile_backend = backend  # lands on the network itself: a step cache compiles its blocks alike
     return net
