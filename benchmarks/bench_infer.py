@@ -384,22 +384,30 @@ def flux_main(args: argparse.Namespace) -> dict:
     g = torch.full((1,), 3.5, device=device) if cfg.guidance_embed else None
     call_ours = lambda m: m(x, t, context=ctx, y=y, guidance=g)  # noqa: E731
 
-    def row(name: str, fn: Callable) -> None:
+    def record(name: str, measure: Callable[[], tuple[dict, str]]) -> None:
+        """Run one row's measurement, print its table line and rewrite the JSON; a failing row (e.g. out of
+        memory) is recorded as such and must not lose the others."""
         entry = {"name": name}
         try:
-            entry["ms"] = ms_per_step(fn, device, args.steps, args.warmup)
-            entry["mfu"] = 2 * macs / (entry["ms"] / 1e3) / peak
-            if gpu:
-                entry["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        except Exception as e:  # one failing row (e.g. out of memory) must not lose the others
+            fields, text = measure()
+            entry.update(fields)
+        except Exception as e:
             entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            text = f"failed: {entry['error']} |"
         head["rows"].append(entry)
-        if "ms" in entry:
-            print(f"| {name} | {entry['ms']:.1f} | {100 * entry['mfu']:.1f}% |", flush=True)
-        else:
-            print(f"| {name} | failed: {entry['error']} | |", flush=True)
+        print(f"| {name} | {text} |", flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(head, indent=1) + "\n")
+
+    def row(name: str, fn: Callable) -> None:
+        def measure() -> tuple[dict, str]:
+            ms = ms_per_step(fn, device, args.steps, args.warmup)
+            fields = {"ms": ms, "mfu": 2 * macs / (ms / 1e3) / peak}
+            if gpu:
+                fields["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            return fields, f"{ms:.1f} | {100 * fields['mfu']:.1f}%"
+
+        record(name, measure)
 
     print("| row | ms/step | MFU |\n|---|---|---|")
     rows = [r for r in args.rows if not r.startswith("ours:fp8")] + [r for r in args.rows if r.startswith("ours:fp8")]
@@ -430,19 +438,12 @@ def flux_main(args: argparse.Namespace) -> dict:
                 torch.cuda.empty_cache()
 
     def generation(compiled: bool) -> None:
-        entry = {
-            "name": f"ours teacache:{args.tea:g} {args.gen_steps} steps" + (" compiled blocks" if compiled else "")
-        }
-        try:
-            entry.update(cached_generation(ours, x, ctx, y, g, args, device, compiled))
-            print(f"| {entry['name']} | {entry['seconds']:.2f} s per generation, {entry['computed']} of "
-                  f"{args.gen_steps} calls computed | |", flush=True)  # fmt: skip
-        except Exception as e:
-            entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            print(f"| {entry['name']} | failed: {entry['error']} | |", flush=True)
-        head["rows"].append(entry)
-        if args.json:
-            Path(args.json).write_text(json.dumps(head, indent=1) + "\n")
+        def measure() -> tuple[dict, str]:
+            fields = cached_generation(ours, x, ctx, y, g, args, device, compiled)
+            return fields, f"{fields['seconds']:.2f} s per generation, {fields['computed']} of {args.gen_steps} " \
+                "calls computed |"  # fmt: skip
+
+        record(f"ours teacache:{args.tea:g} {args.gen_steps} steps" + (" compiled blocks" if compiled else ""), measure)
 
     calls["ours:eager"] = lambda: call_ours(ours)
     calls["ours:compiled"] = ours_compiled

@@ -197,13 +197,17 @@ class FirstBlockCache(StepCache):
         moved by at least `threshold` (relative mean absolute change) since their last full call."""
         if self.first_residual is None:
             return torch.ones(residual.shape[0], dtype=torch.bool, device=residual.device)
-        prev = self.first_residual.float().flatten(1)
-        change = (residual.float().flatten(1) - prev).abs().mean(1) / prev.abs().mean(1)
-        return ~(change < self.threshold)  # NaN (a zero residual) computes
+        return ~(relative_change(residual, self.first_residual) < self.threshold)  # NaN (a zero residual) computes
 
     def update(self, rows: Tensor, first: Tensor, rest: Tensor) -> None:
         """Remember the first-block and remaining-block residuals of the rows just computed."""
         self.first_residual[rows], self.rest_residual[rows] = first, rest
+
+
+def relative_change(now: Tensor, before: Tensor) -> Tensor:
+    """Per row [B]: mean |now - before| / mean |before|, in float32 (both caches' indicator)."""
+    before = before.float().flatten(1)
+    return (now.float().flatten(1) - before).abs().mean(1) / before.abs().mean(1)
 
 
 def flux_shaped(net: nn.Module) -> bool:
@@ -231,15 +235,15 @@ class TeaCache(FirstBlockCache):
         `threshold`; their sum starts again from 0."""
         B = modulated.shape[0]
         if self.previous is None or self.rest_residual is None:
-            rows, distance = torch.ones(B, dtype=torch.bool, device=modulated.device), modulated.new_zeros(B)
+            rows = torch.ones(B, dtype=torch.bool, device=modulated.device)
+            distance = torch.zeros(B, device=modulated.device)
         else:
-            prev = self.previous.float().flatten(1)
-            change = (modulated.float().flatten(1) - prev).abs().mean(1) / prev.abs().mean(1)
+            change = relative_change(modulated, self.previous)
             if self.rescale is not None:
                 change = sum(c * change ** (len(self.rescale) - 1 - i) for i, c in enumerate(self.rescale))
             distance = self.distance + change
             rows = ~(distance < self.threshold)  # NaN computes
-        self.distance = torch.where(rows, torch.zeros_like(distance), distance).float()
+        self.distance = torch.where(rows, torch.zeros_like(distance), distance)
         self.previous = modulated
         return rows
 
